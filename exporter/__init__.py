@@ -1,4 +1,4 @@
-"""prompt-cache-exporter: measure whether LLM providers cache prompts, and expose it to Prometheus."""
+"""prompt-cache-exporter: measure whether LLM providers cache prompts; expose it to Prometheus."""
 
 from importlib.metadata import PackageNotFoundError, version
 

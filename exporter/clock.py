@@ -1,4 +1,4 @@
-"""Time sources. Everything that waits or timestamps takes a Clock, so tests control time exactly."""
+"""Time sources. Whatever waits or timestamps takes a Clock, so tests control time exactly."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 
 
 class Clock(Protocol):
@@ -61,4 +62,4 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.advance(seconds)
         # Still a checkpoint, so cancellation and other tasks behave as with a real sleep.
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()

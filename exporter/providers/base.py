@@ -24,7 +24,7 @@ MAX_PLAUSIBLE_TOKENS = 50_000_000
 DEFAULT_MODEL_CAP = 200
 
 
-class BadResponse(Exception):  # noqa: N818 - reads as what it is: a bad response
+class BadResponse(Exception):
     """The upstream answered, but not with something we can trust. The message is one line."""
 
 
@@ -38,7 +38,7 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A two-message chat prompt. ``system`` starts with the run id, so runs never share a prefix."""
+    """A two-message chat prompt; ``system`` starts with the run id so runs never share a prefix."""
 
     system: str
     user: str
