@@ -121,6 +121,10 @@ class ProviderAdapter(ABC):
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
+    def min_cacheable_for(self, model: str) -> int:
+        """The minimum cacheable prompt length for ``model`` (families differ, e.g. Claude)."""
+        return self.min_cacheable_tokens
+
     # -- requests -------------------------------------------------------------------------
 
     @abstractmethod
