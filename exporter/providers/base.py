@@ -92,6 +92,8 @@ class ProviderAdapter(ABC):
     reports_cache_fields: ClassVar[bool | None] = None
     # Conventional environment variables holding this API's key, in order of preference.
     key_env_vars: ClassVar[tuple[str, ...]] = ()
+    # Where the API lives when no base URL is configured (None: a base URL is required).
+    default_base_url: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -120,6 +122,13 @@ class ProviderAdapter(ABC):
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key removed, for upstream error messages that echo it."""
+        key = self._api_key
+        if key and len(key) >= 4 and key in text:
+            text = text.replace(key, "<redacted>")
+        return text
 
     def min_cacheable_for(self, model: str) -> int:
         """The minimum cacheable prompt length for ``model`` (families differ, e.g. Claude)."""
