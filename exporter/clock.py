@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Protocol
 
@@ -63,3 +64,55 @@ class FakeClock:
         self.advance(seconds)
         # Still a checkpoint, so cancellation and other tasks behave as with a real sleep.
         await anyio.lowlevel.checkpoint()
+
+
+class VirtualClock:
+    """Time that moves only when a test advances it; concurrent sleepers wake in order.
+
+    ``advance`` walks through every deadline it passes, waking those sleepers and letting
+    the woken tasks run (a few scheduler passes) before moving on, so code that sleeps
+    again in response is woken at the right virtual time too. For code whose only waits
+    are clock sleeps (the scheduler with a fake probe runner), timing is exact.
+    """
+
+    def __init__(self, start: float = 1_700_000_000.0, settle_passes: int = 50) -> None:
+        self._now = start
+        self._origin = start
+        self._settle = settle_passes
+        self._seq = 0
+        self._sleepers: list[tuple[float, int, anyio.Event]] = []
+
+    def time(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._now - self._origin
+
+    @property
+    def sleepers(self) -> int:
+        return len(self._sleepers)
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        event = anyio.Event()
+        self._seq += 1
+        heapq.heappush(self._sleepers, (self._now + seconds, self._seq, event))
+        await event.wait()
+
+    async def settle(self) -> None:
+        """Let every runnable task run until it blocks again."""
+        for _ in range(self._settle):
+            await anyio.lowlevel.checkpoint()
+
+    async def advance(self, seconds: float) -> None:
+        target = self._now + max(0.0, seconds)
+        await self.settle()
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, event = heapq.heappop(self._sleepers)
+            self._now = max(self._now, deadline)
+            event.set()
+            await self.settle()
+        self._now = target
+        await self.settle()

@@ -22,6 +22,7 @@ class ErrorType(StrEnum):
     API_ERROR = "api_error"  # any other 4xx/5xx or in-band error event
     BAD_RESPONSE = "bad_response"  # unparseable, truncated, oversized or implausible answer
     BUDGET = "budget"  # not sent: the spend budget would have been exceeded
+    INTERNAL = "internal"  # a bug in the exporter (logged with a traceback)
 
 
 class Verdict(StrEnum):

@@ -1,0 +1,57 @@
+"""The five probes, dispatched by name. Every probe has the same signature and never raises."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+
+import anyio
+
+from exporter.probes import basic, partial, persistence, prompt_sizes, ttl
+from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, new_result, polluted
+from exporter.results import ErrorType, ProbeResult, Verdict
+
+log = logging.getLogger(__name__)
+
+PROBES: dict[str, ProbeFn] = {
+    basic.NAME: basic.run,
+    prompt_sizes.NAME: prompt_sizes.run,
+    partial.NAME: partial.run,
+    persistence.NAME: persistence.run,
+    ttl.NAME: ttl.run,
+}
+PROBE_NAMES: tuple[str, ...] = tuple(PROBES)
+
+__all__ = ["PROBES", "PROBE_NAMES", "ProbeContext", "ProbeSettings", "run_probe"]
+
+
+async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = None) -> ProbeResult:
+    """Run probe ``name`` once under a fresh run id, within ``deadline`` seconds.
+
+    Returns a result whatever happens: a deadline becomes a ``timeout`` error and an
+    unexpected exception an ``internal`` error, both with the evidence gathered so far.
+    """
+    run_ctx = replace(ctx, run_id=ctx.run_id_factory(), records=[])
+    clock = run_ctx.clock
+    started = clock.time()
+    t0 = clock.monotonic()
+    try:
+        scope = anyio.fail_after(deadline) if deadline else contextlib.nullcontext()
+        with scope:
+            result = await PROBES[name](run_ctx)
+    except TimeoutError:
+        result = new_result(run_ctx, name, Verdict.ERROR)
+        result.error_type = ErrorType.TIMEOUT
+        result.error = f"probe deadline of {deadline:g}s exceeded"
+    except Exception as exc:  # a probe never raises to the loop; the bug is logged
+        log.exception("probe %s for %s/%s failed", name, ctx.provider, ctx.model)
+        result = new_result(run_ctx, name, Verdict.ERROR)
+        result.error_type = ErrorType.INTERNAL
+        result.error = f"internal error: {type(exc).__name__}"
+    result.started_at = started
+    result.finished_at = clock.time()
+    result.duration_seconds = clock.monotonic() - t0
+    result.requests = run_ctx.records
+    result.pollution = polluted(run_ctx.records, run_ctx.settings.hit_threshold_tokens)
+    return result

@@ -1,0 +1,79 @@
+"""The ``prompt-cache-exporter`` command: subcommands dispatch to their own modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from exporter import __version__
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request line at INFO; probes make many and the URLs add nothing.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from exporter import probe_cli
+    from exporter.simulator import cli as simulator_cli
+
+    parser = argparse.ArgumentParser(
+        prog="prompt-cache-exporter",
+        description="Probe LLM APIs for working prompt caching and export the results "
+        "as Prometheus metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="log level for this command (default: warning; `run` uses the config's level)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    probe = sub.add_parser(
+        "probe",
+        help="run probes once against one model and print the evidence",
+        description="The cache microscope: run probes once against one model, print every "
+        "request's tokens, cached tokens and timings, and curl commands that replay them. "
+        "The key is read from PCE_API_KEY or the API's conventional variable "
+        "(OPENAI_API_KEY, VENICE_API_KEY, ANTHROPIC_API_KEY).",
+    )
+    probe_cli.add_arguments(probe)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the local caching upstream (a SIMULATOR, not a real provider)",
+        description="Start the bundled simulator: an OpenAI- and Anthropic-compatible HTTP "
+        "server that emulates prompt caching, for demos and tests. It is not a real LLM.",
+    )
+    simulator_cli.add_arguments(simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.error exits
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        if args.command == "probe":
+            from exporter import probe_cli
+
+            return anyio.run(probe_cli.run, args)
+        if args.command == "simulate":
+            from exporter.simulator import cli as simulator_cli
+
+            return simulator_cli.main(args)
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")  # exits with status 2

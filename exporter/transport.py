@@ -1,0 +1,401 @@
+"""Sending adapter-built requests: retries, backoff, Retry-After, bounded bodies, SSE, timing.
+
+One logical request may take several attempts. Every attempt is reserved against the spend
+guard before it is sent and settled after, so a budget holds even when an upstream bills
+an attempt that then timed out. Nothing here raises to the caller: the outcome, including
+the error category, comes back as an ``Exchange``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from exporter.clock import Clock
+from exporter.providers.base import (
+    BadResponse,
+    HttpRequest,
+    ProviderAdapter,
+    UpstreamError,
+    one_line,
+)
+from exporter.results import Completion, ErrorType, ResponseMeta, Usage
+
+log = logging.getLogger(__name__)
+
+# Error bodies are only read for their message; a few KiB is plenty.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# Statuses worth another attempt: throttling, transient upstream trouble, overload (529 is
+# Anthropic's "overloaded").
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
+RETRYABLE_ERRORS = frozenset(
+    {ErrorType.RATE_LIMIT, ErrorType.TIMEOUT, ErrorType.CONNECTION, ErrorType.API_ERROR}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try. Defaults follow the SPEC: 30 s timeout, 3 attempts, 2/4/8 s backoff."""
+
+    attempts: int = 3
+    backoff: float = 2.0
+    backoff_max: float = 8.0
+    # A Retry-After longer than this is not waited for: the request fails as rate_limit.
+    max_retry_after: float = 60.0
+    timeout: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    def backoff_for(self, retry_number: int) -> float:
+        """Wait before retry ``retry_number`` (1-based): backoff, 2×, 4×, ... capped."""
+        return float(min(self.backoff * (2 ** (retry_number - 1)), self.backoff_max))
+
+
+class SpendGuard(Protocol):
+    """Reserve-before-send. ``reserve`` returns a handle, or None when the spend is denied."""
+
+    async def reserve(self, estimated_tokens: int) -> object | None: ...
+
+    async def settle(self, handle: object, usage: Usage | None, *, billed: bool) -> None:
+        """Replace the reservation with what was billed.
+
+        ``usage`` is what the upstream reported; without it, ``billed`` says whether the
+        upstream may have charged the attempt anyway (then the reservation stays as spent).
+        """
+        ...
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The outcome of one logical request."""
+
+    completion: Completion | None = None
+    meta: ResponseMeta = field(default_factory=ResponseMeta)
+    status: int | None = None
+    attempts: int = 0
+    streamed: bool = False
+    latency: float | None = None
+    ttfb: float | None = None
+    ttft: float | None = None
+    error_type: ErrorType | None = None
+    error: str | None = None
+    # Waits taken between attempts, for evidence and tests.
+    waits: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None and self.completion is not None
+
+
+class TransportError(Exception):
+    """A non-completion request (models, balance) failed."""
+
+    def __init__(self, error_type: ErrorType, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.status = status
+
+
+@dataclass(slots=True)
+class _Attempt:
+    completion: Completion | None = None
+    meta: ResponseMeta = field(default_factory=ResponseMeta)
+    status: int | None = None
+    latency: float | None = None
+    ttfb: float | None = None
+    ttft: float | None = None
+    error_type: ErrorType | None = None
+    error: str | None = None
+    # Whether the upstream may have billed this attempt although we saw no usage.
+    maybe_billed: bool = False
+
+
+class Transport:
+    """Sends requests for one provider through a shared httpx client."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        policy: RetryPolicy | None = None,
+        clock: Clock,
+        on_meta: Callable[[ResponseMeta], None] | None = None,
+        throttle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.client = client
+        self.policy = policy or RetryPolicy()
+        self.clock = clock
+        self._on_meta = on_meta
+        self._throttle = throttle
+
+    async def complete(
+        self,
+        adapter: ProviderAdapter,
+        request: HttpRequest,
+        *,
+        stream: bool,
+        estimated_tokens: int = 0,
+        guard: SpendGuard | None = None,
+    ) -> Exchange:
+        """Send a chat request with retries. Never raises (except cancellation)."""
+        policy = self.policy
+        result = Exchange(streamed=stream)
+        for attempt_no in range(1, policy.attempts + 1):
+            handle: object | None = None
+            if guard is not None:
+                handle = await guard.reserve(estimated_tokens)
+                if handle is None:
+                    result.error_type = ErrorType.BUDGET
+                    result.error = "not sent: the spend budget would be exceeded"
+                    return result
+            if self._throttle is not None:
+                await self._throttle()
+            result.attempts = attempt_no
+            attempt = await self._attempt(adapter, request, stream=stream)
+            if guard is not None and handle is not None:
+                usage = attempt.completion.usage if attempt.completion is not None else None
+                await guard.settle(handle, usage, billed=attempt.maybe_billed)
+            self._copy(attempt, result)
+            if attempt.error_type is None:
+                return result
+            if attempt_no >= policy.attempts or attempt.error_type not in RETRYABLE_ERRORS:
+                return result
+            # An HTTP error status decides on its own; in-band errors and timeouts inside a 200
+            # stream are retried like their category.
+            status = attempt.status
+            if status is not None and status >= 400 and status not in RETRYABLE_STATUSES:
+                return result
+            wait = self._wait_before_retry(attempt, attempt_no)
+            if wait is None:
+                result.error = f"{result.error} (Retry-After exceeds {policy.max_retry_after:g}s)"
+                return result
+            result.waits.append(wait)
+            log.debug("retrying %s in %.1fs after %s", request.url, wait, attempt.error_type)
+            await self.clock.sleep(wait)
+        return result
+
+    async def get_json(self, adapter: ProviderAdapter, request: HttpRequest) -> Any:
+        """A small GET (models, balance) with the same retries; raises TransportError."""
+        last: TransportError | None = None
+        for attempt_no in range(1, self.policy.attempts + 1):
+            try:
+                return await self._get_json_once(adapter, request)
+            except TransportError as exc:
+                last = exc
+                retryable = exc.error_type in RETRYABLE_ERRORS and (
+                    exc.status is None or exc.status in RETRYABLE_STATUSES
+                )
+                if not retryable or attempt_no >= self.policy.attempts:
+                    raise
+                await self.clock.sleep(self.policy.backoff_for(attempt_no))
+        raise last or TransportError(ErrorType.API_ERROR, "no attempt made")  # pragma: no cover
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _wait_before_retry(self, attempt: _Attempt, attempt_no: int) -> float | None:
+        retry_after = attempt.meta.retry_after
+        if retry_after is not None and attempt.error_type is ErrorType.RATE_LIMIT:
+            if retry_after > self.policy.max_retry_after:
+                return None
+            return retry_after
+        return self.policy.backoff_for(attempt_no)
+
+    @staticmethod
+    def _copy(attempt: _Attempt, result: Exchange) -> None:
+        result.completion = attempt.completion
+        result.meta = attempt.meta
+        result.status = attempt.status
+        result.latency = attempt.latency
+        result.ttfb = attempt.ttfb
+        result.ttft = attempt.ttft
+        result.error_type = attempt.error_type
+        result.error = attempt.error
+
+    def _report_meta(self, meta: ResponseMeta) -> None:
+        if self._on_meta is not None:
+            try:
+                self._on_meta(meta)
+            except Exception:  # a metrics hook must never break a probe
+                log.exception("response metadata hook failed")
+
+    async def _attempt(
+        self, adapter: ProviderAdapter, request: HttpRequest, *, stream: bool
+    ) -> _Attempt:
+        out = _Attempt()
+        clock = self.clock
+        start = clock.monotonic()
+        try:
+            async with self.client.stream(
+                request.method,
+                request.url,
+                headers=request.headers,
+                json=request.json,
+                timeout=self.policy.timeout,
+            ) as response:
+                out.ttfb = clock.monotonic() - start
+                out.status = response.status_code
+                out.meta = adapter.parse_meta(response.headers)
+                self._report_meta(out.meta)
+                if response.status_code >= 400:
+                    body = await _read_error_body(response)
+                    out.error_type = adapter.classify_error(response.status_code, body)
+                    out.error = adapter.redact(adapter.error_message(response.status_code, body))
+                    return out
+                out.maybe_billed = True
+                content_type = response.headers.get("content-type", "")
+                if stream and "text/event-stream" in content_type:
+                    await self._read_stream(adapter, response, out, start)
+                else:
+                    # Some servers ignore stream=true and answer with plain JSON; accept it.
+                    raw = await _read_capped(response, self.policy.max_body_bytes)
+                    out.completion = adapter.parse_completion(_decode_json(raw))
+                out.latency = clock.monotonic() - start
+        except BadResponse as exc:
+            out.error_type = ErrorType.BAD_RESPONSE
+            out.error = adapter.redact(one_line(str(exc)))
+        except UpstreamError as exc:
+            out.error_type = exc.error_type
+            out.error = adapter.redact(one_line(f"in-band error: {exc}"))
+        except httpx.TimeoutException as exc:
+            out.error_type = ErrorType.TIMEOUT
+            out.error = f"timed out after {self.policy.timeout:g}s ({type(exc).__name__})"
+            # A read timeout may come after the upstream accepted (and billed) the prompt.
+            out.maybe_billed = not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+        except httpx.ConnectError as exc:
+            out.error_type = ErrorType.CONNECTION
+            out.error = adapter.redact(one_line(f"connection failed: {exc}"))
+        except httpx.HTTPError as exc:
+            # Reset mid-body, protocol errors: the request reached the upstream.
+            out.error_type = ErrorType.CONNECTION
+            out.error = adapter.redact(one_line(f"{type(exc).__name__}: {exc}"))
+            out.maybe_billed = True
+        if out.completion is not None and out.error_type is not None:
+            out.completion = None
+        return out
+
+    async def _read_stream(
+        self, adapter: ProviderAdapter, response: httpx.Response, out: _Attempt, start: float
+    ) -> None:
+        decoder = adapter.stream_decoder()
+        async for event, data in iter_sse(response, self.policy.max_body_bytes):
+            if decoder.feed(event, data) and out.ttft is None:
+                out.ttft = self.clock.monotonic() - start
+        out.completion = decoder.finish()
+
+    async def _get_json_once(self, adapter: ProviderAdapter, request: HttpRequest) -> Any:
+        try:
+            async with self.client.stream(
+                request.method,
+                request.url,
+                headers=request.headers,
+                json=request.json,
+                timeout=self.policy.timeout,
+            ) as response:
+                meta = adapter.parse_meta(response.headers)
+                self._report_meta(meta)
+                if response.status_code >= 400:
+                    body = await _read_error_body(response)
+                    raise TransportError(
+                        adapter.classify_error(response.status_code, body),
+                        adapter.redact(adapter.error_message(response.status_code, body)),
+                        response.status_code,
+                    )
+                raw = await _read_capped(response, self.policy.max_body_bytes)
+                return _decode_json(raw)
+        except BadResponse as exc:
+            raise TransportError(ErrorType.BAD_RESPONSE, adapter.redact(str(exc))) from None
+        except httpx.TimeoutException:
+            raise TransportError(
+                ErrorType.TIMEOUT, f"timed out after {self.policy.timeout:g}s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise TransportError(
+                ErrorType.CONNECTION, adapter.redact(one_line(f"{type(exc).__name__}: {exc}"))
+            ) from None
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The body, refusing (not truncating) anything larger than ``limit``: memory stays bounded."""
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadResponse(f"response body of {int(declared)} bytes exceeds the {limit}-byte cap")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise BadResponse(f"response body exceeds the {limit}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_error_body(response: httpx.Response) -> Any:
+    """An error body for its message: JSON if it parses, else a one-line text excerpt."""
+    try:
+        raw = await _read_capped(response, MAX_ERROR_BODY_BYTES)
+    except (BadResponse, httpx.HTTPError):
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace")
+        if "<html" in text[:500].lower():
+            return "HTML error page"
+        return one_line(text, 200) or None
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        head = raw[:200].decode("utf-8", "replace").strip()
+        if head.lower().startswith(("<!doctype", "<html")):
+            raise BadResponse("expected JSON, got an HTML page") from None
+        if not head:
+            raise BadResponse("empty response body") from None
+        raise BadResponse(f"response is not valid JSON: {one_line(head, 60)!r}") from None
+
+
+async def iter_sse(response: httpx.Response, limit: int) -> AsyncIterator[tuple[str | None, str]]:
+    """Server-sent events as (event name, data), with the whole stream capped at ``limit`` bytes.
+
+    httpx's ``aiter_lines`` would buffer an unterminated line without bound; this keeps
+    every buffer under the cap. Comment lines (``: keep-alive``) are dropped.
+    """
+    buffer = b""
+    total = 0
+    event: str | None = None
+    data_lines: list[str] = []
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > limit:
+            raise BadResponse(f"event stream exceeds the {limit}-byte cap")
+        buffer += chunk
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                break
+            raw_line, buffer = buffer[:newline], buffer[newline + 1 :]
+            line = raw_line.rstrip(b"\r").decode("utf-8", "replace")
+            if not line:
+                if data_lines:
+                    yield event, "\n".join(data_lines)
+                event, data_lines = None, []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data_lines.append(value)
+            elif name == "event":
+                event = value
+    tail = buffer.rstrip(b"\r").decode("utf-8", "replace")
+    if tail.startswith("data:"):
+        data_lines.append(tail[5:].removeprefix(" "))
+    if data_lines:
+        yield event, "\n".join(data_lines)

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real simulator on 127.0.0.1 and the pieces a probe runs with."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from exporter.clock import FakeClock
+from exporter.probes import ProbeContext, ProbeSettings, run_probe
+from exporter.prompts import PromptFactory
+from exporter.providers import adapter_class
+from exporter.results import ProbeResult
+from exporter.simulator.config import SimConfig
+from exporter.simulator.server import SimulatorHandle, serve_simulator
+from exporter.transport import RetryPolicy, Transport
+
+# Tiny backoffs: retries are exercised for real, without waiting seconds.
+FAST_RETRIES = RetryPolicy(attempts=3, backoff=0.01, backoff_max=0.04, timeout=10.0)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # aiosqlite and uvicorn are asyncio-only.
+    return "asyncio"
+
+
+@dataclass
+class SimRig:
+    """A simulator sharing a FakeClock with the probes: TTL waits are exact and instant."""
+
+    sim: SimulatorHandle
+    clock: FakeClock
+    client: httpx.AsyncClient
+
+    def context(
+        self,
+        model: str,
+        *,
+        provider_type: str = "openai",
+        settings: ProbeSettings | None = None,
+        policy: RetryPolicy = FAST_RETRIES,
+        api_key: str | None = None,
+        stream: bool = True,
+        **adapter_options: object,
+    ) -> ProbeContext:
+        base_url = self.sim.base_url
+        adapter = adapter_class(provider_type)(
+            base_url=base_url, api_key=api_key, stream=stream, **adapter_options
+        )
+        return ProbeContext(
+            provider="sim",
+            model=model,
+            adapter=adapter,
+            transport=Transport(self.client, policy=policy, clock=self.clock),
+            prompts=PromptFactory(seed=1),
+            clock=self.clock,
+            settings=settings or ProbeSettings(ttl_delays=(1.0, 5.0, 10.0, 30.0)),
+        )
+
+    async def probe(self, name: str, model: str, **kwargs: object) -> ProbeResult:
+        return await run_probe(name, self.context(model, **kwargs))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(latency_scale=0.0)
+
+
+@pytest.fixture
+async def rig(sim_config: SimConfig) -> AsyncIterator[SimRig]:
+    clock = FakeClock()
+    async with (
+        serve_simulator(sim_config, clock=clock) as sim,
+        httpx.AsyncClient(trust_env=False) as client,
+    ):
+        yield SimRig(sim, clock, client)
+
+
+RigFactory = Callable[[SimConfig], SimRig]
