@@ -16,13 +16,12 @@ import time
 import anyio
 import httpx
 
+from benchmarks._sim import simulator
 from exporter.clock import SystemClock
 from exporter.probes import ProbeContext, ProbeSettings, run_probe
 from exporter.prompts import PromptFactory
 from exporter.providers.openai import OpenAIAdapter
 from exporter.transport import RetryPolicy, Transport
-
-from benchmarks._sim import simulator
 
 MODEL = "sim-cache-ok"
 

@@ -81,7 +81,8 @@ async def test_json_output_and_exit_status(
         assert probe["caching_works"] is works
         assert probe["hit_ratio"] is None or 0 <= probe["hit_ratio"] <= 1
         for request in probe["requests"]:
-            assert "prompt_tokens" in request and "cached_tokens" in request
+            assert "prompt_tokens" in request
+            assert "cached_tokens" in request
     _assert_no_secret(proc, tmp_path)
 
 
@@ -107,7 +108,8 @@ async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> 
         for line in replay.stdout.decode().splitlines()
         if line.startswith("data: {") and '"usage"' in line
     ]
-    assert usage and usage[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert usage
+    assert usage[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
 async def test_wrong_key_is_an_auth_error_without_leaking(sim_url: str, tmp_path: Path) -> None:

@@ -35,10 +35,14 @@ async def test_verdicts(rig: SimRig, model: str, probe: str) -> None:
     cold = [r for r in result.requests if r.cold]
     assert cold, "every probe starts cold"
     for record in result.requests:
-        assert record.ok and record.status == 200 and record.attempts == 1
-        assert record.streamed and record.ttft_seconds is not None
+        assert record.ok
+        assert record.status == 200
+        assert record.attempts == 1
+        assert record.streamed
+        assert record.ttft_seconds is not None
         if model == "sim-no-cache-fields":
-            assert record.cached_tokens is None and record.hit is None
+            assert record.cached_tokens is None
+            assert record.hit is None
         else:
             assert record.cached_tokens is not None
     # The evidence is what the upstream saw: compare with the simulator's own request log.
@@ -54,7 +58,8 @@ async def test_basic_numbers_match_the_simulators_cache(rig: SimRig) -> None:
     assert (prime.label, repeat.label) == ("prime", "repeat")
     assert prime.cached_tokens == 0
     assert repeat.prompt_tokens == prime.prompt_tokens
-    assert prime.prompt_tokens is not None and prime.prompt_tokens >= 1024
+    assert prime.prompt_tokens is not None
+    assert prime.prompt_tokens >= 1024
     # 128-token blocks, only whole blocks above the 1024 minimum count.
     assert repeat.cached_tokens == prime.prompt_tokens // 128 * 128
     assert result.hit_ratio == pytest.approx(repeat.cached_tokens / repeat.prompt_tokens)
@@ -87,7 +92,8 @@ async def test_partial_measures_the_shared_prefix(rig: SimRig) -> None:
     result = await rig.probe("partial", "sim-cache-ok")
     assert [r.label for r in result.requests] == ["prime", "variant 1", "variant 2"]
     shared = result.shared_prefix_tokens
-    assert shared is not None and shared >= 1024
+    assert shared is not None
+    assert shared >= 1024
     for variant in result.requests[1:]:
         # Cached ≈ the shared prefix, in whole blocks; never the (different) user message.
         assert variant.cached_tokens is not None
@@ -131,7 +137,8 @@ async def test_error_model_fails_after_three_attempts(rig: SimRig) -> None:
     assert result.verdict is Verdict.ERROR
     assert result.error_type is ErrorType.API_ERROR
     (prime,) = result.requests
-    assert prime.attempts == 3 and prime.status == 500
+    assert prime.attempts == 3
+    assert prime.status == 500
     assert [e["status"] for e in rig.sim.state.log_entries("sim-error", 10)] == [500] * 3
     # Backoff doubles from the configured base: 0.01 then 0.02 s.
     assert rig.clock.sleeps == [0.01, 0.02]
@@ -174,8 +181,10 @@ async def test_venice_adapter_against_the_simulator(rig: SimRig) -> None:
     result = await rig.probe("basic", "sim-cache-write", provider_type="venice")
     assert result.verdict is Verdict.WORKS
     prime, repeat = result.requests
-    assert prime.cache_write_tokens and prime.cache_write_tokens > 0
-    assert repeat.cached_tokens and repeat.cached_tokens > 0
+    assert prime.cache_write_tokens
+    assert prime.cache_write_tokens > 0
+    assert repeat.cached_tokens
+    assert repeat.cached_tokens > 0
     assert prime.cost  # Venice reports the cost of each request
 
 
@@ -183,7 +192,9 @@ async def test_every_default_model_gets_a_result_and_never_raises(rig: SimRig) -
     for model in DEFAULT_MODELS:
         for probe in PROBE_NAMES:
             result = await rig.probe(probe, model.name)
-            assert result.run_id and result.provider == "sim" and result.model == model.name
+            assert result.run_id
+            assert result.provider == "sim"
+            assert result.model == model.name
             assert result.finished_at >= result.started_at
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from exporter.asgi import serve_asgi
@@ -60,8 +60,11 @@ async def test_bad_answers_are_categorised(rig: SimRig, model: str, stream: bool
     assert result.error_type is expected_type, result.error
     (prime,) = result.requests
     assert prime.attempts == attempts
-    assert prime.error and "\n" not in prime.error and len(prime.error) < 400
-    assert result.caching_works is None and result.hit_ratio is None
+    assert prime.error
+    assert "\n" not in prime.error
+    assert len(prime.error) < 400
+    assert result.caching_works is None
+    assert result.hit_ratio is None
 
 
 async def test_specific_messages(rig: SimRig) -> None:
