@@ -58,7 +58,44 @@ def build_parser() -> argparse.ArgumentParser:
         "server that emulates prompt caching, for demos and tests. It is not a real LLM.",
     )
     simulator_cli.add_arguments(simulate)
+
+    run = sub.add_parser(
+        "run",
+        help="run the exporter: probe on schedule and serve /metrics",
+        description="Run the exporter daemon. SIGHUP or POST /-/reload reloads the "
+        "configuration; SIGTERM/SIGINT stop it gracefully.",
+    )
+    run.add_argument("--config", help="configuration file (default: $PCE_CONFIG_FILE)")
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and exit (0 valid, 2 invalid)",
+    )
+    check.add_argument("--config", help="configuration file (default: $PCE_CONFIG_FILE)")
+
+    from exporter import history_cli
+
+    history = sub.add_parser("history", help="export recorded probe runs as CSV or JSON")
+    history_cli.add_arguments(history)
     return parser
+
+
+def check_config(path: str | None) -> int:
+    """Validate the configuration and the web config file it names (TLS, basic auth)."""
+    from exporter.config import ConfigError, check_config_command, load_config
+    from exporter.webconfig import WebConfigError, load_web_config
+
+    status = check_config_command(path)
+    if status != 0:
+        return status
+    try:
+        web_config = load_config(path).server.web_config_file
+        if web_config is not None:
+            load_web_config(web_config)
+    except (ConfigError, WebConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.error exits
@@ -74,6 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.err
             from exporter.simulator import cli as simulator_cli
 
             return simulator_cli.main(args)
+        if args.command == "run":
+            from exporter import daemon
+
+            return daemon.main(args.config)
+        if args.command == "check-config":
+            return check_config(args.config)
+        if args.command == "history":
+            from exporter import history_cli
+
+            return anyio.run(history_cli.run, args)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")  # exits with status 2

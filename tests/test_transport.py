@@ -165,6 +165,7 @@ async def test_probe_deadline_keeps_the_evidence() -> None:
     assert result.error_type is ErrorType.TIMEOUT
     assert result.error == "probe deadline of 0.3s exceeded"
     assert [r.label for r in result.requests] == ["prime"]
+    assert result.requests[0].error_type is ErrorType.TIMEOUT  # counted as a failed request
 
 
 SECRET = "sk-live-0123456789abcdef"

@@ -44,6 +44,12 @@ async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = No
         result = new_result(run_ctx, name, Verdict.ERROR)
         result.error_type = ErrorType.TIMEOUT
         result.error = f"probe deadline of {deadline:g}s exceeded"
+        for record in run_ctx.records:
+            if record.ok and record.prompt_tokens is None:
+                # Cut off in flight: a failed request, counted as such.
+                record.error_type = ErrorType.TIMEOUT
+                record.error = "cancelled by the probe deadline"
+                record.attempts = max(1, record.attempts)
     except Exception as exc:  # a probe never raises to the loop; the bug is logged
         log.exception("probe %s for %s/%s failed", name, ctx.provider, ctx.model)
         result = new_result(run_ctx, name, Verdict.ERROR)

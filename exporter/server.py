@@ -1,0 +1,524 @@
+"""The exporter's HTTP side: /metrics, health, readiness, the evidence API and reload.
+
+``create_app`` builds the Starlette app from injected parts (registry, a source of past runs,
+readiness and reload callables, the web config), so tests run it against fakes on a real
+loopback socket. ``serve`` runs it on our own socket, with TLS from the web config.
+
+Endpoints (docs/http.md has the details and the /api/runs schema):
+
+=================  =========  ==============================================================
+path               methods    answer
+=================  =========  ==============================================================
+``/``              GET HEAD   HTML landing page with links
+``/metrics``       GET HEAD   Prometheus text or OpenMetrics (Accept), gzip (Accept-Encoding)
+``/healthz``       GET HEAD   200 ``ok``: the process serves
+``/readyz``        GET HEAD   200/503 JSON, one entry per dependency
+``/api/runs``      GET HEAD   recent probe runs as JSON, filtered, newest first
+``/-/reload``      POST PUT   reload the configuration; 200/500 JSON (404 if not enabled)
+=================  =========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from html import escape
+from types import MappingProxyType
+from typing import Any, Final, Protocol
+
+import anyio
+import anyio.to_thread
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from exporter.asgi import BoundAddress, serve_asgi
+from exporter.results import ProbeResult, RequestRecord
+from exporter.webconfig import (
+    BasicAuthenticator,
+    WebConfig,
+    WebConfigMiddleware,
+    WebConfigSource,
+    build_ssl_context,
+    server_ssl_context,
+)
+
+__all__ = [
+    "MAX_RELOAD_BODY",
+    "DependencyStatus",
+    "Readiness",
+    "RunsSource",
+    "create_app",
+    "run_to_json",
+    "serve",
+]
+
+log = logging.getLogger("exporter.server")
+
+EXPORTER_NAME: Final = "prompt-cache-exporter"
+DEFAULT_RUNS_LIMIT: Final = 50
+MAX_RUNS_LIMIT: Final = 1000
+MAX_RELOAD_BODY: Final = 4096  # bytes; the body of /-/reload is read and ignored
+_RUNS_PARAMS: Final = ("provider", "model", "probe", "limit")
+_NAME_VALUE: Final = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
+_NAME_RULE: Final = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
+_SAFE_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\[\]-]{1,40}")
+_ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+# Two concurrent renders at most: a scrape storm must not pile up copies of the exposition.
+_RENDER_THREADS: Final = 2
+
+
+class RunsSource(Protocol):
+    """Where /api/runs reads history from (``exporter.store.Store`` satisfies it)."""
+
+    async def recent_runs(
+        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
+    ) -> list[ProbeResult]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyStatus:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What /readyz reports: ready overall, and the state of each dependency."""
+
+    ready: bool
+    checks: Mapping[str, DependencyStatus] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def of(cls, **checks: DependencyStatus) -> Readiness:
+        """Ready when there is at least one check and every check is ok."""
+        return cls(
+            ready=bool(checks) and all(c.ok for c in checks.values()),
+            checks=MappingProxyType(dict(checks)),
+        )
+
+
+class _BadRequest(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _RunsQuery:
+    provider: str | None
+    model: str | None
+    probe: str | None
+    limit: int
+
+
+def create_app(
+    *,
+    registry: CollectorRegistry,
+    runs: RunsSource,
+    readiness: Callable[[], Readiness],
+    reload: Callable[[], Awaitable[tuple[bool, str]]] | None,
+    web_config: WebConfigSource | WebConfig | None,
+    probe_names: Sequence[str],
+    version: str,
+    authenticator: BasicAuthenticator | None = None,
+) -> Starlette:
+    """The exporter's ASGI app. Nothing here reaches a provider: it reads state and history.
+
+    ``reload`` None leaves /-/reload unregistered (404). A plain ``WebConfig`` is applied as
+    is; a ``WebConfigSource`` follows its file. ``app.state.authenticator`` is the basic-auth
+    checker (tests count its bcrypt verifications).
+    """
+    probes = tuple(probe_names)
+    render_limiter = anyio.CapacityLimiter(_RENDER_THREADS)
+
+    async def metrics(request: Request) -> Response:
+        if (refused := _only(request, "GET", "HEAD")) is not None:
+            return refused
+        accept = request.headers.get("accept", "")
+        use_gzip = gzip_accepted(request.headers.get("accept-encoding", ""))
+        names = request.query_params.getlist("name[]")
+
+        def render() -> tuple[bytes, str]:
+            # Runs in a worker thread: collect() of a big registry takes milliseconds to
+            # seconds, and probes on the event loop are measuring latencies meanwhile.
+            encoder, content_type = choose_encoder(accept)
+            source = registry.restricted_registry(names) if names else registry
+            body = encoder(source)
+            return (gzip.compress(body) if use_gzip else body), content_type
+
+        try:
+            body, content_type = await anyio.to_thread.run_sync(render, limiter=render_limiter)
+        except Exception:
+            log.exception("rendering /metrics failed")
+            return PlainTextResponse("error rendering metrics\n", status_code=500)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        if use_gzip:
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, headers=headers)
+
+    async def healthz(request: Request) -> Response:
+        if (refused := _only(request, "GET", "HEAD")) is not None:
+            return refused
+        return PlainTextResponse("ok\n", headers={"Cache-Control": "no-store"})
+
+    async def readyz(request: Request) -> Response:
+        if (refused := _only(request, "GET", "HEAD")) is not None:
+            return refused
+        try:
+            state = readiness()
+        except Exception:
+            log.exception("readiness check failed")
+            body = {"status": "not ready", "checks": {}, "error": "readiness check failed"}
+            return _json(body, 503)
+        checks = {name: {"ok": c.ok, "detail": c.detail} for name, c in state.checks.items()}
+        body = {"status": "ready" if state.ready else "not ready", "checks": checks}
+        return _json(body, 200 if state.ready else 503)
+
+    async def api_runs(request: Request) -> Response:
+        if (refused := _only(request, "GET", "HEAD")) is not None:
+            return refused
+        try:
+            query = _parse_runs_query(request.query_params.multi_items(), probes)
+        except _BadRequest as exc:
+            return _json({"error": str(exc)}, 400)
+        try:
+            results = await runs.recent_runs(
+                provider=query.provider,
+                model=query.model,
+                probe=query.probe,
+                limit=query.limit,
+            )
+        except Exception:
+            log.exception("/api/runs: reading the history failed")
+            return _json({"error": "history store unavailable"}, 503)
+        return _json({"runs": [run_to_json(r) for r in results[: query.limit]]}, 200)
+
+    async def landing(request: Request) -> Response:
+        if (refused := _only(request, "GET", "HEAD")) is not None:
+            return refused
+        return HTMLResponse(_landing_page(version, reload is not None))
+
+    # Every route takes every method so the endpoint answers 405 itself, with a stable Allow.
+    routes = [
+        Route("/", landing, methods=_ANY_METHOD),
+        Route("/metrics", metrics, methods=_ANY_METHOD),
+        Route("/healthz", healthz, methods=_ANY_METHOD),
+        Route("/readyz", readyz, methods=_ANY_METHOD),
+        Route("/api/runs", api_runs, methods=_ANY_METHOD),
+    ]
+    if reload is not None:
+        routes.append(Route("/-/reload", _reload_endpoint(reload), methods=_ANY_METHOD))
+
+    auth = authenticator or BasicAuthenticator()
+    middleware = []
+    if web_config is not None:
+        source = (
+            web_config
+            if isinstance(web_config, WebConfigSource)
+            else WebConfigSource(web_config, watch=False)
+        )
+        middleware.append(Middleware(WebConfigMiddleware, source=source, authenticator=auth))
+    # After authentication: an anonymous client learns nothing, not even the body rule.
+    middleware.append(Middleware(_BodyGuard))
+    app = Starlette(routes=routes, middleware=middleware)
+    # "/metrics/" is a 404, not a redirect: one spelling per endpoint, no open redirects.
+    app.router.redirect_slashes = False
+    app.state.authenticator = auth
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    web_config: WebConfigSource | WebConfig | None = None,
+    graceful_timeout: float = 5.0,
+) -> AsyncIterator[BoundAddress]:
+    """Serve ``app`` until the context exits; yields the bound address (port 0 works).
+
+    With TLS in ``web_config``: a ``WebConfigSource`` gives every new connection the
+    certificates in force (rotation without restart); a plain ``WebConfig`` is loaded once.
+    """
+    if isinstance(web_config, WebConfigSource):
+        ssl_context = server_ssl_context(web_config)
+        config = web_config.current()
+    else:
+        config = web_config or WebConfig()
+        ssl_context = build_ssl_context(config.tls) if config.tls else None
+    if config.tls is not None and config.http2:
+        # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
+        log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
+    async with serve_asgi(
+        app, host=host, port=port, ssl_context=ssl_context, graceful_timeout=graceful_timeout
+    ) as address:
+        log.info(
+            "listening on %s (TLS %s, basic auth %s)",
+            address.url,
+            "on" if ssl_context else "off",
+            "on" if config.users else "off",
+        )
+        yield address
+
+
+def _reload_endpoint(
+    reload: Callable[[], Awaitable[tuple[bool, str]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    lock = anyio.Lock()  # two reloads at once would race on the same configuration
+
+    async def endpoint(request: Request) -> Response:
+        if (refused := _only(request, "POST", "PUT")) is not None:
+            return refused
+        if not await _drain(request, MAX_RELOAD_BODY):
+            return _json({"status": "error", "error": "request body too large"}, 413)
+        async with lock:
+            try:
+                ok, message = await reload()
+            except Exception:
+                log.exception("reload failed")
+                ok, message = False, "reload failed with an internal error (see the log)"
+        if ok:
+            return _json({"status": "ok"}, 200)
+        return _json({"status": "error", "error": _one_line(message)}, 500)
+
+    return endpoint
+
+
+# --- /api/runs ----------------------------------------------------------------------------
+
+
+def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -> _RunsQuery:
+    values: dict[str, str] = {}
+    for name, value in items:
+        if name not in _RUNS_PARAMS:
+            shown = f' "{name}"' if _SAFE_PARAM_NAME.fullmatch(name) else ""
+            raise _BadRequest(
+                f"unknown query parameter{shown} (allowed: {', '.join(_RUNS_PARAMS)})"
+            )
+        if name in values:
+            raise _BadRequest(f"{name}: given more than once")
+        values[name] = value
+    # Empty values mean "no filter": Grafana sends "provider=" for an "All" variable.
+    provider = values.get("provider") or None
+    model = values.get("model") or None
+    probe = values.get("probe") or None
+    for key, text in (("provider", provider), ("model", model)):
+        if text is not None and not _NAME_VALUE.fullmatch(text):
+            raise _BadRequest(f"{key}: {_NAME_RULE}")
+    if probe is not None and probe not in probes:
+        raise _BadRequest(f"probe: must be one of {', '.join(probes)}")
+    limit = DEFAULT_RUNS_LIMIT
+    if values.get("limit"):
+        text = values["limit"]
+        # Digits only: int() would also take " 5", "+5", "5_0" and "٥".
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_RUNS_LIMIT:
+            raise _BadRequest(f"limit: must be an integer from 1 to {MAX_RUNS_LIMIT}")
+        limit = int(text)
+    return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit)
+
+
+_REQUEST_FIELDS: Final = (
+    "label",
+    "cold",
+    "status",
+    "attempts",
+    "prompt_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens",
+    "latency_seconds",
+    "ttft_seconds",
+    "hit",
+    "error_type",
+    "error",
+)
+
+
+def run_to_json(result: ProbeResult) -> dict[str, Any]:
+    """One run as /api/runs shows it: ``ProbeResult.to_dict()`` plus the evidence table's
+    derived columns (``time``, token sums, mean cold/warm TTFT)."""
+    full = result.to_dict()
+    requests = result.requests
+    return {
+        "run_id": result.run_id,
+        "provider": result.provider,
+        "model": result.model,
+        "probe": result.probe,
+        "verdict": full["verdict"],
+        "caching_works": result.caching_works,
+        "hit_ratio": result.hit_ratio,
+        "time": _rfc3339(result.finished_at),
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "duration_seconds": result.duration_seconds,
+        "error_type": full["error_type"],
+        "error": result.error,
+        "pollution": result.pollution,
+        "cache_reported": result.cache_reported,
+        "prompt_tokens": _sum(r.prompt_tokens for r in requests),
+        # None when no request reported cache fields: "not reported" is not "0 cached".
+        "cached_tokens": _sum(r.cached_tokens for r in requests),
+        "request_count": len(requests),
+        "cold_ttft_seconds": _mean_ttft(requests, cold=True),
+        "warm_ttft_seconds": _mean_ttft(requests, cold=False),
+        "requests": [_request_json(r) for r in requests],
+        "sizes": full["sizes"],
+        "ttl": full["ttl"],
+        "first_miss_index": result.first_miss_index,
+        "shared_prefix_tokens": result.shared_prefix_tokens,
+    }
+
+
+def _request_json(record: RequestRecord) -> dict[str, Any]:
+    data = record.to_dict()
+    return {name: data[name] for name in _REQUEST_FIELDS}
+
+
+def _sum(values: Any) -> int | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _mean_ttft(requests: Sequence[RequestRecord], *, cold: bool) -> float | None:
+    found = [
+        r.ttft_seconds for r in requests if r.cold == cold and r.ok and r.ttft_seconds is not None
+    ]
+    return sum(found) / len(found) if found else None
+
+
+def _rfc3339(epoch: float) -> str:
+    # Whole seconds: the evidence table shows a time, the epoch fields keep the precision.
+    return datetime.fromtimestamp(math.floor(epoch), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _only(request: Request, *methods: str) -> Response | None:
+    if request.method in methods:
+        return None
+    return PlainTextResponse(
+        "Method Not Allowed\n", status_code=405, headers={"Allow": ", ".join(methods)}
+    )
+
+
+def _json(body: Any, status: int) -> Response:
+    # allow_nan=False after replacing non-finite floats: NaN is not JSON and Grafana rejects it.
+    text = json.dumps(_finite(body), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(
+        text.encode("utf-8"),
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+async def _drain(request: Request, limit: int) -> bool:
+    """Read and discard the body; False as soon as it exceeds ``limit`` bytes."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return False
+    return True
+
+
+class _BodyGuard:
+    """Refuses request bodies (413) except a small one on /-/reload.
+
+    Nothing here reads a body, so a client sending one is either confused or probing; saying
+    so beats silently leaving megabytes unread on the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _body_allowed(scope):
+            body = b'{"error":"request body not accepted"}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _body_allowed(scope: Scope) -> bool:
+    length: int | None = None
+    chunked = False
+    for key, value in scope.get("headers", []):
+        name = bytes(key).lower()
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return False
+        elif name == b"transfer-encoding":
+            chunked = True
+    if scope.get("path") == "/-/reload":
+        return length is None or length <= MAX_RELOAD_BODY  # chunked: capped while read
+    return not chunked and not length
+
+
+def _landing_page(version: str, reload_enabled: bool) -> str:
+    # Relative links, so the page works behind a reverse proxy that adds a path prefix.
+    # No inline script or style: a strict Content-Security-Policy from the web config holds.
+    links = [
+        ("metrics", "Metrics", "Prometheus exposition"),
+        ("healthz", "Health", "liveness"),
+        ("readyz", "Readiness", "store and scheduler state, JSON"),
+        ("api/runs", "Runs", "recent probe runs and their evidence, JSON"),
+    ]
+    items = "\n".join(
+        f'<li><a href="{href}">{escape(title)}</a> ({escape(note)})</li>'
+        for href, title, note in links
+    )
+    reload_note = (
+        "<p>Configuration reload: <code>POST -/reload</code>.</p>" if reload_enabled else ""
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{EXPORTER_NAME}</title>\n</head>\n<body>\n"
+        f"<h1>{EXPORTER_NAME}</h1>\n"
+        "<p>Prometheus exporter that probes LLM chat-completion APIs and measures whether "
+        "prompt caching works.</p>\n"
+        f"<p>Version: {escape(version)}</p>\n"
+        f"<ul>\n{items}\n</ul>\n{reload_note}\n</body>\n</html>\n"
+    )

@@ -1,0 +1,171 @@
+"""Run the real exporter (`python -m exporter run`) as a child process, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def config_text(
+    *,
+    sim_url: str,
+    db_path: Path,
+    listen: str = "127.0.0.1:0",
+    providers: str | None = None,
+    probes: str | None = None,
+    extra: str = "",
+) -> str:
+    probes = (
+        probes
+        or """
+[probes.basic]
+interval = "2s"
+timeout = "1s"
+[probes.prompt_sizes]
+interval = "30s"
+timeout = "20s"
+sizes = { small = 1100, medium = 2000 }
+[probes.partial]
+interval = "10s"
+timeout = "5s"
+[probes.persistence]
+interval = "15s"
+timeout = "10s"
+requests = 4
+[probes.ttl]
+interval = "30s"
+timeout = "20s"
+delays = ["1s", "4s"]
+"""
+    )
+    providers = (
+        providers
+        or f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{sim_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-*"]
+concurrency = 4
+isolation_delay = "0s"
+[providers.prices."sim-*"]
+input = 1.0
+output = 4.0
+cache_read = 0.1
+
+[[providers]]
+name = "venice-sim"
+type = "venice"
+base_url = "{sim_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-cache-ok", "sim-cache-write"]
+concurrency = 2
+isolation_delay = "0s"
+[providers.budget]
+daily_tokens = 5000000
+"""
+    )
+    return f"""
+log_level = "info"
+[server]
+listen = "{listen}"
+[storage]
+path = "{db_path}"
+[http]
+timeout = "5s"
+backoff = "10ms"
+backoff_max = "20ms"
+max_retry_after = "500ms"  # sim-ratelimited says 1 s: fail fast, as rate_limit
+[scheduler]
+cooldown = "10m"
+{extra}
+{probes}
+{providers}
+"""
+
+
+@dataclass
+class ExporterProcess:
+    config_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    log_path: Path = field(default_factory=lambda: Path("/dev/null"))
+
+    def start(self, timeout: float = 30.0) -> ExporterProcess:
+        self.log_path = self.config_path.with_suffix(f".{time.monotonic_ns()}.log")
+        log = self.log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PCE_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            match = re.search(r"serving on (http://\S+)", text)
+            if match:
+                self.url = match.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise RuntimeError("exporter did not start:\n" + self.log_path.read_text())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def scrape(self, accept: str | None = None) -> Samples:
+        headers = {"Accept": accept} if accept else {}
+        response = httpx.get(self.url + "/metrics", headers=headers, timeout=10)
+        response.raise_for_status()
+        return parse(response.text)
+
+    def families(self) -> set[str]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {f.name for f in text_string_to_metric_families(text)}
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``predicate()`` until true or ``timeout`` seconds pass (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False

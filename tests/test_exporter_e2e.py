@@ -1,0 +1,500 @@
+"""The exporter as a real process against the simulator: the whole metric catalogue, restore
+after restart, SIGKILL crash safety of the budget and the history, and SQLite faults.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.exporter_process import ExporterProcess, config_text, value, wait_for
+from tests.simulator_process import SimProcess, simulator
+
+pytestmark = pytest.mark.slow
+
+# SPEC §8: every family of the catalogue (as the text parser names them: counters without
+# _total), plus the extras docs/metrics.md adds.
+CATALOGUE = {
+    "llmcache_caching_works",
+    "llmcache_hit_ratio",
+    "llmcache_ttl_hit",
+    "llmcache_ttl_max_hit_delay_seconds",
+    "llmcache_persistence_hit_ratio",
+    "llmcache_persistence_first_miss_index",
+    "llmcache_probe_success",
+    "llmcache_probe_last_run_timestamp_seconds",
+    "llmcache_probe_interval_seconds",
+    "llmcache_probe_runs",
+    "llmcache_probe_duration_seconds",
+    "llmcache_request_duration_seconds",
+    "llmcache_time_to_first_token_seconds",
+    "llmcache_prompt_tokens",
+    "llmcache_cached_tokens",
+    "llmcache_cache_write_tokens",
+    "llmcache_completion_tokens",
+    "llmcache_requests",
+    "llmcache_warm_requests",
+    "llmcache_warm_request_hits",
+    "llmcache_cache_pollution",
+    "llmcache_errors",
+    "llmcache_spend_usd",
+    "llmcache_savings_usd",
+    "llmcache_balance",
+    "llmcache_budget_limit",
+    "llmcache_budget_used",
+    "llmcache_budget_exhausted",
+    "llmcache_reliability_score",
+    "llmcache_consecutive_failures",
+    "llmcache_model_cooldown",
+    "llmcache_provider_paused",
+    "llmcache_models",
+    "llmcache_scheduler_cycle_duration_seconds",
+    "llmcache_store_errors",
+    "llmcache_cache_reporting_supported",
+    "llmcache_ratelimit_remaining",
+    "llmcache_price_info",
+    "llmcache_config_last_reload_successful",
+    "llmcache_config_last_reload_success_timestamp_seconds",
+    "llmcache_exporter_build_info",
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "python_info",
+}
+
+
+@pytest.fixture
+def sim() -> Iterator[SimProcess]:
+    with simulator() as handle:
+        yield handle
+
+
+def start_exporter(tmp_path: Path, text: str, name: str = "config.toml") -> ExporterProcess:
+    path = tmp_path / name
+    path.write_text(text)
+    return ExporterProcess(path).start()
+
+
+def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_path: Path) -> None:
+    exporter = start_exporter(
+        tmp_path, config_text(sim_url=sim.base_url, db_path=tmp_path / "db.sqlite")
+    )
+    try:
+
+        def ready() -> bool:
+            s = exporter.scrape()
+            return (
+                value(s, "llmcache_model_cooldown", provider="sim", model="sim-error") == 1
+                and value(
+                    s,
+                    "llmcache_ttl_hit",
+                    provider="sim",
+                    model="sim-cache-short-ttl",
+                    delay_seconds="4",
+                )
+                is not None
+                and value(
+                    s, "llmcache_persistence_hit_ratio", provider="sim", model="sim-cache-flaky"
+                )
+                is not None
+                and value(
+                    s,
+                    "llmcache_caching_works",
+                    provider="venice-sim",
+                    model="sim-cache-ok",
+                    probe="partial",
+                )
+                is not None
+            )
+
+        assert wait_for(ready, timeout=120), exporter.log()[-3000:]
+        missing = CATALOGUE - exporter.families()
+        assert not missing, missing
+        s = exporter.scrape()
+
+        def v(name: str, **labels: str) -> float | None:
+            return value(s, name, **labels)
+
+        for provider in ("sim", "venice-sim"):
+            assert (
+                v("llmcache_caching_works", provider=provider, model="sim-cache-ok", probe="basic")
+                == 1
+            )
+        assert (
+            v("llmcache_caching_works", provider="sim", model="sim-cache-broken", probe="basic")
+            == 0
+        )
+        # Not reported is not "0 cached": no verdict, and the reporting gauge says why.
+        assert (
+            v("llmcache_caching_works", provider="sim", model="sim-no-cache-fields", probe="basic")
+            is None
+        )
+        assert (
+            v("llmcache_cache_reporting_supported", provider="sim", model="sim-no-cache-fields")
+            == 0
+        )
+        assert v("llmcache_cache_reporting_supported", provider="sim", model="sim-cache-ok") == 1
+        # sim-error: five failures, then cooldown.
+        failures = v("llmcache_consecutive_failures", provider="sim", model="sim-error")
+        assert failures is not None
+        assert failures >= 5
+        assert v("llmcache_probe_success", provider="sim", model="sim-error", probe="basic") == 0
+        errors = v(
+            "llmcache_errors_total", provider="sim", model="sim-error", error_type="api_error"
+        )
+        assert errors is not None
+        assert errors >= 5
+        assert (
+            v(
+                "llmcache_errors_total",
+                provider="sim",
+                model="sim-ratelimited",
+                error_type="rate_limit",
+            )
+            or 0
+        ) >= 1
+        # TTL: the 3 s cache hits after 1 s, not after 4 s.
+        assert (
+            v("llmcache_ttl_hit", provider="sim", model="sim-cache-short-ttl", delay_seconds="1")
+            == 1
+        )
+        assert (
+            v("llmcache_ttl_hit", provider="sim", model="sim-cache-short-ttl", delay_seconds="4")
+            == 0
+        )
+        assert (
+            v("llmcache_ttl_max_hit_delay_seconds", provider="sim", model="sim-cache-short-ttl")
+            == 1
+        )
+        flaky = v("llmcache_persistence_hit_ratio", provider="sim", model="sim-cache-flaky")
+        assert flaky is not None
+        assert 0 <= flaky < 1
+        # Tokens and money.
+        cached = v("llmcache_cached_tokens_total", provider="sim", model="sim-cache-ok")
+        prompt = v("llmcache_prompt_tokens_total", provider="sim", model="sim-cache-ok")
+        assert cached
+        assert prompt
+        assert 0 < cached < prompt
+        assert (v("llmcache_spend_usd_total", provider="sim", model="sim-cache-ok") or 0) > 0
+        assert (v("llmcache_savings_usd_total", provider="sim", model="sim-cache-ok") or 0) > 0
+        assert v("llmcache_cached_tokens_total", provider="sim", model="sim-cache-broken") == 0
+        assert (
+            v(
+                "llmcache_price_info",
+                provider="sim",
+                model="sim-cache-ok",
+                version=_price_version(s, "sim", "sim-cache-ok"),
+                source="config",
+            )
+            == 1
+        )
+        assert _price_source(s, "venice-sim", "sim-cache-ok") == "provider"
+        # Venice-style balance headers and the budget.
+        assert v("llmcache_balance", provider="venice-sim", currency="usd") is not None
+        assert (
+            v("llmcache_budget_limit", provider="venice-sim", window="day", unit="tokens")
+            == 5_000_000
+        )
+        assert (
+            v("llmcache_budget_used", provider="venice-sim", window="day", unit="tokens") or 0
+        ) > 0
+        assert v("llmcache_budget_exhausted", provider="venice-sim") == 0
+        assert v("llmcache_provider_paused", provider="sim", reason="balance") == 0
+        assert v("llmcache_models", provider="sim") == 8
+        assert v("llmcache_models", provider="venice-sim") == 2
+        score = v("llmcache_reliability_score", provider="sim", model="sim-cache-ok")
+        assert score is not None
+        assert score > 90
+        assert (v("llmcache_reliability_score", provider="sim", model="sim-error") or 0) == 0
+        assert v("llmcache_config_last_reload_successful") == 1
+        # OpenMetrics negotiation.
+        response = httpx.get(
+            exporter.url + "/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        assert response.text.rstrip().endswith("# EOF")
+        assert exporter.terminate() == 0
+        assert "stopped" in exporter.log()
+    finally:
+        exporter.kill()
+
+
+def _price_labels(s: dict, provider: str, model: str) -> dict[str, str]:  # type: ignore[type-arg]
+    for name, labels in s:
+        d = dict(labels)
+        if name == "llmcache_price_info" and d["provider"] == provider and d["model"] == model:
+            return d
+    raise AssertionError(f"no price info for {provider}/{model}")
+
+
+def _price_version(s: dict, provider: str, model: str) -> str:  # type: ignore[type-arg]
+    return _price_labels(s, provider, model)["version"]
+
+
+def _price_source(s: dict, provider: str, model: str) -> str:  # type: ignore[type-arg]
+    return _price_labels(s, provider, model)["source"]
+
+
+BASIC_ONLY_SLOW = """
+[probes.basic]
+interval = "1h"
+timeout = "30s"
+[probes.prompt_sizes]
+enabled = false
+[probes.partial]
+enabled = false
+[probes.persistence]
+enabled = false
+[probes.ttl]
+enabled = false
+"""
+
+
+def test_restart_shows_restored_verdicts_before_any_new_probe(
+    sim: SimProcess, tmp_path: Path
+) -> None:
+    db = tmp_path / "db.sqlite"
+    providers = f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{sim.base_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-cache-ok", "sim-cache-broken"]
+isolation_delay = "0s"
+"""
+    first = start_exporter(
+        tmp_path,
+        config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
+    )
+    try:
+        assert wait_for(
+            lambda: (
+                value(
+                    first.scrape(),
+                    "llmcache_caching_works",
+                    provider="sim",
+                    model="sim-cache-broken",
+                    probe="basic",
+                )
+                is not None
+            ),
+            30,
+        )
+        before = first.scrape()
+        assert first.terminate() == 0
+    finally:
+        first.kill()
+    requests = sim.chat_requests()
+    second = start_exporter(
+        tmp_path,
+        config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
+        "second.toml",
+    )
+    try:
+        restored = second.scrape()  # the very first scrape
+        for model, works in (("sim-cache-ok", 1), ("sim-cache-broken", 0)):
+            labels = {"provider": "sim", "model": model, "probe": "basic"}
+            assert value(restored, "llmcache_caching_works", **labels) == works
+            assert value(restored, "llmcache_probe_last_run_timestamp_seconds", **labels) == value(
+                before, "llmcache_probe_last_run_timestamp_seconds", **labels
+            )
+            assert value(restored, "llmcache_hit_ratio", size="", **labels) == value(
+                before, "llmcache_hit_ratio", size="", **labels
+            )
+        time.sleep(2)
+        assert sim.chat_requests() == requests  # nothing was probed again: not due for 1 h
+        assert second.terminate() == 0
+    finally:
+        second.kill()
+
+
+def test_sigkill_never_overspends_and_loses_no_finished_run(
+    sim: SimProcess, tmp_path: Path
+) -> None:
+    budget = 40_000
+    db = tmp_path / "db.sqlite"
+    providers = f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{sim.base_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-cache-ok", "sim-cache-flaky", "sim-cache-broken"]
+concurrency = 3
+isolation_delay = "0s"
+[providers.budget]
+daily_tokens = {budget}
+monthly_tokens = {budget}
+"""
+    probes = """
+[probes.basic]
+interval = "1s"
+timeout = "900ms"
+[probes.persistence]
+interval = "2s"
+timeout = "1s"
+requests = 4
+[probes.prompt_sizes]
+enabled = false
+[probes.partial]
+enabled = false
+[probes.ttl]
+enabled = false
+"""
+    text = config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=probes)
+    rng = random.Random(20261123)
+    finished: set[str] = set()
+    for iteration in range(20):
+        exporter = start_exporter(tmp_path, text)
+        time.sleep(rng.uniform(0.2, 1.5))
+        exporter.kill()  # SIGKILL, whatever it was doing
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            now = {row[0] for row in conn.execute("SELECT run_id FROM probe_runs")}
+        assert finished <= now, f"iteration {iteration}: finished runs lost"
+        finished = now
+        assert sim.billed_tokens() <= budget, f"iteration {iteration}: budget exceeded"
+    # The budget was really reached: probes stopped for lack of room, not for lack of time.
+    assert sim.billed_tokens() > budget * 0.6
+    assert len(finished) > 10
+    with sqlite3.connect(db) as conn:
+        (reserved,) = conn.execute(
+            "SELECT SUM(COALESCE(actual_tokens, reserved_tokens)) FROM budget_ledger"
+        ).fetchone()
+    assert sim.billed_tokens() <= reserved <= budget
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small tmpfs, so the test can fill it (disk full) and remount it read-only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _store_errors(exporter: ExporterProcess) -> float:
+    s = exporter.scrape()
+    return sum(v for (name, _), v in s.items() if name == "llmcache_store_errors_total")
+
+
+def _runs(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0])
+
+
+ONE_MODEL_PROBES = """
+[probes.basic]
+interval = "1s"
+timeout = "900ms"
+[probes.prompt_sizes]
+enabled = false
+[probes.partial]
+enabled = false
+[probes.persistence]
+enabled = false
+[probes.ttl]
+enabled = false
+"""
+
+
+def _one_model_exporter(sim: SimProcess, db: Path) -> ExporterProcess:
+    providers = f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{sim.base_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-cache-ok"]
+isolation_delay = "0s"
+"""
+    # The config file goes beside the tmpfs, not on it: filling the disk must not touch it.
+    return start_exporter(
+        db.parent.parent if db.parent.name == "tmpfs" else db.parent,
+        config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=ONE_MODEL_PROBES),
+    )
+
+
+def _wait_recovered(exporter: ExporterProcess, db: Path) -> None:
+    runs = _runs(db)
+    assert wait_for(lambda: _runs(db) > runs + 1, 30), exporter.log()[-2000:]
+    ready = httpx.get(exporter.url + "/readyz").json()
+    assert ready["checks"]["store"]["ok"], ready
+
+
+def test_read_only_database_file_keeps_metrics_serving(sim: SimProcess, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("setting the immutable attribute needs root (CI runs as root)")
+    db = tmp_path / "db.sqlite"
+    exporter = _one_model_exporter(sim, db)
+    files = [db, db.with_name(db.name + "-wal")]
+    try:
+        assert wait_for(lambda: _runs(db) >= 2, 30)
+        errors = _store_errors(exporter)
+        # Immutable: even root cannot write. (Not the -shm file: SQLite maps it, and a
+        # write fault through a mapping is a SIGBUS, not an I/O error.)
+        subprocess.run(["chattr", "+i", *map(str, files)], check=True)
+        try:
+            assert wait_for(lambda: _store_errors(exporter) > errors, 30)
+            assert httpx.get(exporter.url + "/metrics").status_code == 200
+            assert httpx.get(exporter.url + "/readyz").status_code == 503
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        _wait_recovered(exporter, db)
+        assert exporter.terminate() == 0
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, files)], check=False)
+        exporter.kill()
+
+
+def test_locked_and_full_database_keep_metrics_serving(sim: SimProcess, tmpfs: Path) -> None:
+    db = tmpfs / "db.sqlite"
+    exporter = _one_model_exporter(sim, db)
+    try:
+        assert wait_for(lambda: _runs(db) >= 2, 30)
+        # 1. Locked: another connection holds the write lock past the busy timeout.
+        errors = _store_errors(exporter)
+        holder = sqlite3.connect(db, isolation_level=None, timeout=0)
+        holder.execute("BEGIN EXCLUSIVE")
+        assert wait_for(lambda: _store_errors(exporter) > errors, 30)
+        assert httpx.get(exporter.url + "/metrics").status_code == 200
+        holder.execute("ROLLBACK")
+        holder.close()
+        _wait_recovered(exporter, db)
+
+        # 2. Disk full: fill the filesystem the database lives on.
+        errors = _store_errors(exporter)
+        filler = tmpfs / "filler"
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_for(lambda: _store_errors(exporter) > errors, 30)
+        assert httpx.get(exporter.url + "/metrics").status_code == 200
+        assert httpx.get(exporter.url + "/readyz").status_code == 503
+        filler.unlink()
+        _wait_recovered(exporter, db)
+
+        assert exporter.terminate() == 0
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert "could not be flushed" not in exporter.log()
+    finally:
+        exporter.kill()

@@ -1,0 +1,276 @@
+"""The collector: the whole exposition rendered from state, series from start-up, semantics."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.metrics import ExporterCollector, build_registry
+from exporter.pricing import resolve_price
+from exporter.results import ErrorType, ModelPrice, ProbeResult, RequestRecord, SizeOutcome, Verdict
+from exporter.state import State
+
+NOW = 1_700_000_000.0
+
+
+def samples(state: State, now: float = NOW) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    registry = build_registry(ExporterCollector(state, now=lambda: now))
+    text = generate_latest(registry).decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def get(s: dict, name: str, **labels: str) -> float | None:  # type: ignore[type-arg]
+    return s.get((name, frozenset(labels.items())))
+
+
+def configured() -> State:
+    state = State()
+    state.configure_provider(
+        "p",
+        probes=("basic", "ttl", "prompt_sizes"),
+        intervals={"basic": 300.0, "ttl": 3600.0, "prompt_sizes": 600.0},
+    )
+    price = resolve_price(ModelPrice(input=1.0, output=4.0, cache_read=0.1), None)
+    state.set_models("p", ["m"], {"m": price})
+    return state
+
+
+def record(
+    label: str, *, cold: bool, prompt: int = 2000, cached: int | None = 0, ok: bool = True
+) -> RequestRecord:
+    r = RequestRecord(
+        label=label,
+        cold=cold,
+        attempts=1,
+        status=200 if ok else 500,
+        latency_seconds=0.3,
+        ttft_seconds=0.2,
+        completion_tokens=5,
+    )
+    if ok:
+        r.prompt_tokens, r.cached_tokens = prompt, cached
+        r.hit = None if cached is None else cached > 0
+    else:
+        r.error_type, r.error = ErrorType.API_ERROR, "HTTP 500"
+    return r
+
+
+def test_series_exist_from_start_up() -> None:
+    s = samples(configured())
+    for probe in ("basic", "ttl", "prompt_sizes"):
+        assert get(s, "llmcache_probe_success", provider="p", model="m", probe=probe) == 0
+        assert (
+            get(
+                s, "llmcache_probe_last_run_timestamp_seconds", provider="p", model="m", probe=probe
+            )
+            == 0
+        )
+        for outcome in ("success", "failure", "skipped"):
+            assert (
+                get(
+                    s,
+                    "llmcache_probe_runs_total",
+                    provider="p",
+                    model="m",
+                    probe=probe,
+                    outcome=outcome,
+                )
+                == 0
+            )
+    for kind in ("rate_limit", "timeout", "api_error", "bad_response", "budget"):
+        assert get(s, "llmcache_errors_total", provider="p", model="m", error_type=kind) == 0
+    assert get(s, "llmcache_prompt_tokens_total", provider="p", model="m") == 0
+    assert get(s, "llmcache_provider_paused", provider="p", reason="balance") == 0
+    assert get(s, "llmcache_probe_interval_seconds", provider="p", probe="ttl") == 3600
+    assert (
+        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="hit") == 0
+    )
+    # No verdict yet: no caching_works series (absent, never a false 0).
+    assert not [k for k in s if k[0] == "llmcache_caching_works"]
+
+
+def test_a_probe_result_sets_gauges_and_counters() -> None:
+    state = configured()
+    result = ProbeResult(
+        probe="basic",
+        provider="p",
+        model="m",
+        run_id="r",
+        verdict=Verdict.WORKS,
+        started_at=NOW - 2,
+        finished_at=NOW,
+        duration_seconds=2.0,
+        hit_ratio=0.96,
+        requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
+    )
+    state.observe_result(result)
+    s = samples(state)
+    assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") == 1
+    assert get(s, "llmcache_hit_ratio", provider="p", model="m", probe="basic", size="") == 0.96
+    assert (
+        get(s, "llmcache_probe_last_run_timestamp_seconds", provider="p", model="m", probe="basic")
+        == NOW
+    )
+    assert get(s, "llmcache_prompt_tokens_total", provider="p", model="m") == 4000
+    assert get(s, "llmcache_cached_tokens_total", provider="p", model="m") == 1920
+    assert get(s, "llmcache_warm_requests_total", provider="p", model="m") == 1
+    assert get(s, "llmcache_warm_request_hits_total", provider="p", model="m") == 1
+    # spend: (2000 + 80) × $1 + 1920 × $0.1 + 10 × $4 per 1M; savings 1920 × $0.9 per 1M
+    spend = get(s, "llmcache_spend_usd_total", provider="p", model="m")
+    assert spend == pytest.approx((2080 * 1.0 + 1920 * 0.1 + 10 * 4.0) / 1e6)
+    savings = get(s, "llmcache_savings_usd_total", provider="p", model="m")
+    assert savings == pytest.approx(1920 * 0.9 / 1e6)
+    assert (
+        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="hit") == 1
+    )
+    assert (
+        get(
+            s,
+            "llmcache_request_duration_seconds_bucket",
+            provider="p",
+            model="m",
+            cache="miss",
+            le="0.5",
+        )
+        == 1
+    )
+    assert get(s, "llmcache_probe_duration_seconds_sum", provider="p", probe="basic") == 2.0
+    assert get(s, "llmcache_cache_reporting_supported", provider="p", model="m") == 1
+
+
+def test_restored_results_set_gauges_but_count_nothing() -> None:
+    state = configured()
+    result = ProbeResult(
+        probe="basic",
+        provider="p",
+        model="m",
+        run_id="r",
+        verdict=Verdict.BROKEN,
+        started_at=NOW - 2,
+        finished_at=NOW,
+        hit_ratio=0.0,
+        requests=[record("prime", cold=True), record("repeat", cold=False, cached=0)],
+    )
+    state.observe_result(result, restored=True)
+    s = samples(state)
+    assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") == 0
+    assert get(s, "llmcache_requests_total", provider="p", model="m", outcome="success") == 0
+    assert (
+        get(
+            s,
+            "llmcache_probe_runs_total",
+            provider="p",
+            model="m",
+            probe="basic",
+            outcome="success",
+        )
+        == 0
+    )
+
+
+def test_ttl_sizes_and_failures() -> None:
+    state = configured()
+    state.observe_result(
+        ProbeResult(
+            probe="ttl",
+            provider="p",
+            model="m",
+            run_id="t",
+            verdict=Verdict.WORKS,
+            started_at=NOW,
+            finished_at=NOW,
+            hit_ratio=0.5,
+            ttl={1.0: True, 5.0: True, 10.0: False, 30.0: False},
+        )
+    )
+    state.observe_result(
+        ProbeResult(
+            probe="prompt_sizes",
+            provider="p",
+            model="m",
+            run_id="s",
+            verdict=Verdict.PARTIAL,
+            started_at=NOW,
+            finished_at=NOW,
+            hit_ratio=0.5,
+            sizes={
+                "small": SizeOutcome(1100, Verdict.BELOW_MINIMUM),
+                "large": SizeOutcome(4000, Verdict.WORKS, 0.99, 4010),
+            },
+        )
+    )
+    state.observe_result(
+        ProbeResult(
+            probe="basic",
+            provider="p",
+            model="m",
+            run_id="f",
+            verdict=Verdict.ERROR,
+            started_at=NOW,
+            finished_at=NOW,
+            error_type=ErrorType.API_ERROR,
+            requests=[record("prime", cold=True, ok=False)],
+        )
+    )
+    state.record_failures("p", "m", 5, NOW + 900)
+    s = samples(state)
+    assert get(s, "llmcache_ttl_hit", provider="p", model="m", delay_seconds="5") == 1
+    assert get(s, "llmcache_ttl_hit", provider="p", model="m", delay_seconds="10") == 0
+    assert get(s, "llmcache_ttl_max_hit_delay_seconds", provider="p", model="m") == 5
+    assert (
+        get(s, "llmcache_hit_ratio", provider="p", model="m", probe="prompt_sizes", size="large")
+        == 0.99
+    )
+    assert (
+        get(s, "llmcache_hit_ratio", provider="p", model="m", probe="prompt_sizes", size="small")
+        is None
+    )  # below the minimum: no ratio, not a 0
+    assert get(s, "llmcache_errors_total", provider="p", model="m", error_type="api_error") == 1
+    assert get(s, "llmcache_probe_success", provider="p", model="m", probe="basic") == 0
+    assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") is None
+    assert get(s, "llmcache_model_cooldown", provider="p", model="m") == 1
+    assert (
+        get(samples(state, now=NOW + 901), "llmcache_model_cooldown", provider="p", model="m") == 0
+    )
+
+
+def test_not_reported_is_not_zero_cached() -> None:
+    state = configured()
+    state.observe_result(
+        ProbeResult(
+            probe="basic",
+            provider="p",
+            model="m",
+            run_id="n",
+            verdict=Verdict.NOT_REPORTED,
+            started_at=NOW,
+            finished_at=NOW,
+            requests=[
+                record("prime", cold=True, cached=None),
+                record("repeat", cold=False, cached=None),
+            ],
+        )
+    )
+    s = samples(state)
+    assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") is None
+    assert get(s, "llmcache_cache_reporting_supported", provider="p", model="m") == 0
+    assert get(s, "llmcache_warm_requests_total", provider="p", model="m") == 0
+    assert (
+        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="unknown")
+        == 2
+    )
+
+
+def test_openmetrics_rendering_is_valid() -> None:
+    state = configured()
+    registry = build_registry(ExporterCollector(state, now=lambda: NOW))
+    text = generate_openmetrics(registry).decode()
+    assert text.endswith("# EOF\n")
+    assert "llmcache_probe_runs_total{" in text
+    assert "_created" not in text.replace("process_start_time", "")
