@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def simulator(*args: str, timeout: float = 600.0) -> Iterator[str]:
+def simulator(*args: str, timeout: float = 900.0) -> Iterator[str]:
     """Yields the base URL of a simulator process; it is killed on exit or after ``timeout``."""
     port = free_port()
     proc = subprocess.Popen(

@@ -24,6 +24,7 @@ from exporter import __version__
 from exporter.budget import Budget
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, ConfigError, load_config
+from exporter.memtrim import configure_allocator
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.probes import PROBE_NAMES
 from exporter.reliability import reliability_score
@@ -203,4 +204,5 @@ def main(config_path: str | None) -> int:
             "error: no config file given: use --config FILE or set PCE_CONFIG_FILE", file=sys.stderr
         )
         return EXIT_CONFIG
+    configure_allocator()
     return anyio.run(Daemon(path, os.environ).run)

@@ -38,6 +38,7 @@ import anyio.to_thread
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
@@ -45,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporter.asgi import BoundAddress, serve_asgi
+from exporter.memtrim import release_after_render
 from exporter.results import ProbeResult, RequestRecord
 from exporter.webconfig import (
     BasicAuthenticator,
@@ -76,8 +78,9 @@ _NAME_VALUE: Final = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
 _NAME_RULE: Final = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
 _SAFE_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\[\]-]{1,40}")
 _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
-# Two concurrent renders at most: a scrape storm must not pile up copies of the exposition.
-_RENDER_THREADS: Final = 2
+# One render at a time: concurrent scrapes (an HA Prometheus pair) wait their turn rather
+# than holding two copies of a large exposition in memory at once.
+_RENDER_THREADS: Final = 1
 
 
 class RunsSource(Protocol):
@@ -149,23 +152,28 @@ def create_app(
         use_gzip = gzip_accepted(request.headers.get("accept-encoding", ""))
         names = request.query_params.getlist("name[]")
 
-        def render() -> tuple[bytes, str]:
+        def render() -> tuple[bytes, str, int]:
             # Runs in a worker thread: collect() of a big registry takes milliseconds to
             # seconds, and probes on the event loop are measuring latencies meanwhile.
             encoder, content_type = choose_encoder(accept)
             source = registry.restricted_registry(names) if names else registry
             body = encoder(source)
-            return (gzip.compress(body) if use_gzip else body), content_type
+            return (gzip.compress(body) if use_gzip else body), content_type, len(body)
 
         try:
-            body, content_type = await anyio.to_thread.run_sync(render, limiter=render_limiter)
+            body, content_type, size = await anyio.to_thread.run_sync(
+                render, limiter=render_limiter
+            )
         except Exception:
             log.exception("rendering /metrics failed")
             return PlainTextResponse("error rendering metrics\n", status_code=500)
         headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
         if use_gzip:
             headers["Content-Encoding"] = "gzip"
-        return Response(body, headers=headers)
+        # After the body is sent (and freed), return a large render's memory to the OS.
+        return Response(
+            body, headers=headers, background=BackgroundTask(release_after_render, size)
+        )
 
     async def healthz(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:

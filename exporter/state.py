@@ -7,7 +7,7 @@ the copy, never across I/O, so a scrape cannot stall a probe and vice versa.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -262,8 +262,8 @@ class State:
     def snapshot(self) -> Snapshot:
         with self._lock:
             return Snapshot(
-                providers=[copy.deepcopy(p) for p in self._providers.values()],
-                models=[copy.deepcopy(m) for m in self._models.values()],
+                providers=[_copy_provider(p) for p in self._providers.values()],
+                models=[_copy_model(m) for m in self._models.values()],
                 store_errors=dict(self._store_errors),
                 reload_ok=self._reload_ok,
                 reload_timestamp=self._reload_timestamp,
@@ -332,3 +332,39 @@ class State:
         if not record.cold and probe in WARM_PROBES and record.hit is not None:
             entry.warm_requests += 1
             entry.warm_hits += int(record.hit)
+
+
+# Scrape-time copies: only the mutable containers are copied (histogram count lists, dicts);
+# everything else is immutable. copy.deepcopy would work too, at several times the time and
+# garbage per scrape.
+
+
+def _copy_histogram(h: Histogram) -> Histogram:
+    return Histogram(h.bounds, list(h.counts), h.total)
+
+
+def _copy_model(m: ModelSeries) -> ModelSeries:
+    return dataclasses.replace(
+        m,
+        probes={
+            k: dataclasses.replace(g, sizes=dict(g.sizes), ttl=dict(g.ttl))
+            for k, g in m.probes.items()
+        },
+        runs=dict(m.runs),
+        requests=dict(m.requests),
+        errors=dict(m.errors),
+        request_duration={k: _copy_histogram(h) for k, h in m.request_duration.items()},
+        ttft={k: _copy_histogram(h) for k, h in m.ttft.items()},
+    )
+
+
+def _copy_provider(p: ProviderSeries) -> ProviderSeries:
+    return dataclasses.replace(
+        p,
+        intervals=dict(p.intervals),
+        balances=dict(p.balances),
+        ratelimit=dict(p.ratelimit),
+        paused=dict(p.paused),
+        cycle=_copy_histogram(p.cycle),
+        probe_duration={k: _copy_histogram(h) for k, h in p.probe_duration.items()},
+    )

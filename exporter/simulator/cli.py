@@ -11,9 +11,7 @@ from typing import Any
 
 import anyio
 
-from exporter.simulator.app import BANNER
 from exporter.simulator.config import SimConfig, SimConfigError, load_sim_config
-from exporter.simulator.server import serve_simulator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +76,11 @@ def _address(args: argparse.Namespace) -> tuple[str, int]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # Imported here: `prompt-cache-exporter run` builds this module's parser too and must not
+    # load the simulator's server code.
+    from exporter.simulator.app import BANNER
+    from exporter.simulator.server import serve_simulator
+
     try:
         config = build_config(args)
         host, port = _address(args)
