@@ -40,8 +40,8 @@ class SimProcess:
 
 
 @contextmanager
-def simulator(*args: str) -> Iterator[SimProcess]:
-    port = free_port()
+def simulator(*args: str, port: int | None = None) -> Iterator[SimProcess]:
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
