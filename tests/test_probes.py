@@ -201,3 +201,42 @@ async def test_every_default_model_gets_a_result_and_never_raises(rig: SimRig) -
 @pytest.fixture
 def sim_config() -> SimConfig:
     return SimConfig(latency_scale=0.0)
+
+
+@pytest.mark.parametrize("probe", PROBE_NAMES)
+async def test_flaky_cache_verdicts_follow_the_evidence(rig: SimRig, probe: str) -> None:
+    """sim-cache-flaky hits about half the time (seeded): every verdict must be the one its
+    own requests support, and over a few runs the flakiness must show."""
+    verdicts = []
+    for _ in range(6):
+        result = await rig.probe(probe, "sim-cache-flaky")
+        assert result.error_type is None
+        warm_hits = [r.hit for r in result.requests if not r.cold]
+        if probe == "prompt_sizes":
+            expected = {Verdict.WORKS, Verdict.PARTIAL, Verdict.BROKEN}
+            by_size = {s.verdict for s in result.sizes.values()}
+            if by_size == {Verdict.WORKS}:
+                assert result.verdict is Verdict.WORKS
+            elif by_size == {Verdict.BROKEN}:
+                assert result.verdict is Verdict.BROKEN
+            else:
+                assert result.verdict is Verdict.PARTIAL
+        elif probe == "ttl":
+            expected = {Verdict.WORKS, Verdict.FLAKY, Verdict.BROKEN}
+            hits = [result.ttl[d] for d in sorted(result.ttl)]
+            if not any(hits):
+                assert result.verdict is Verdict.BROKEN
+        elif probe == "basic":
+            expected = {Verdict.WORKS, Verdict.BROKEN}
+            assert (result.verdict is Verdict.WORKS) == bool(warm_hits[-1])
+        else:
+            expected = {Verdict.WORKS, Verdict.FLAKY, Verdict.BROKEN}
+            if all(warm_hits):
+                assert result.verdict is Verdict.WORKS
+            elif not any(warm_hits):
+                assert result.verdict is Verdict.BROKEN
+            else:
+                assert result.verdict is Verdict.FLAKY
+        assert result.verdict in expected
+        verdicts.append(result.verdict)
+    assert set(verdicts) != {Verdict.WORKS}, "six runs of a flaky cache never missed"

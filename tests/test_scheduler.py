@@ -379,3 +379,46 @@ models = ["x"]
         assert {p.name for p in state.snapshot().providers} == {"q"}
         scheduler.stop()
         await clock.advance(60)
+
+
+class CleanupStore:
+    """Only what the cleanup loop and result handling touch, recording the cutoffs."""
+
+    def __init__(self) -> None:
+        self.cutoffs: list[float] = []
+
+    async def cleanup(self, *, older_than: float) -> int:
+        self.cutoffs.append(older_than)
+        return 0
+
+    async def record_run(self, result: ProbeResult, **_: float) -> None:
+        pass
+
+    async def save_model_state(self, *_: object, **__: object) -> None:
+        pass
+
+    async def reliability_stats(self, **_: object) -> dict[Any, Any]:
+        return {}
+
+
+async def test_retention_cleanup_runs_at_start_and_every_interval(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    config = make_config(tmp_path, basic="1h")
+    store = CleanupStore()
+    async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+        scheduler = Scheduler(
+            config,
+            state=State(),
+            store=store,  # type: ignore[arg-type]
+            budget=None,
+            clock=clock,
+            client=client,
+            runner=runner,
+        )
+        tg.start_soon(scheduler.run)
+        await clock.advance(2 * 86400 + 10)
+        scheduler.stop()
+        await clock.advance(3600)
+    retention = 30 * 86400  # the default retention_days
+    assert store.cutoffs == [T0 - retention, T0 + 86400 - retention, T0 + 2 * 86400 - retention]
