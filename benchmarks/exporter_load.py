@@ -18,43 +18,18 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._sim import simulator
-from tests.exporter_process import ExporterProcess, config_text, value, wait_for
+from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
+from tests.simulator_process import simulator
 
-BASIC_ONLY = """
-[probes.basic]
-interval = "1h"
-timeout = "5m"
-[probes.prompt_sizes]
-enabled = false
-[probes.partial]
-enabled = false
-[probes.persistence]
-enabled = false
-[probes.ttl]
-enabled = false
-"""
+BASIC_ONLY = probes_toml(basic="1h/5m")
 
-ALL_PROBES = """
-[probes.basic]
-interval = "1h"
-timeout = "5m"
-[probes.prompt_sizes]
-interval = "1h"
-timeout = "5m"
-sizes = { small = 1100, medium = 2000 }
-[probes.partial]
-interval = "1h"
-timeout = "5m"
-[probes.persistence]
-interval = "1h"
-timeout = "5m"
-requests = 4
-[probes.ttl]
-interval = "1h"
-timeout = "5m"
-delays = ["100ms", "200ms"]
-"""
+ALL_PROBES = probes_toml(
+    basic="1h/5m",
+    prompt_sizes="1h/5m;sizes = { small = 1100, medium = 2000 }",
+    partial="1h/5m",
+    persistence="1h/5m;requests = 4",
+    ttl='1h/5m;delays = ["100ms", "200ms"]',
+)
 
 
 def sim_models(path: Path, count: int, latency: float) -> Path:
@@ -86,7 +61,8 @@ max_tokens = 1
 def cycle(tmp: Path, concurrency: int, timeout: float) -> tuple[float, float]:
     models, latency = 50, 0.2
     sim_cfg = sim_models(tmp / f"sim-cycle-{concurrency}.toml", models, latency)
-    with simulator("--config", str(sim_cfg), "--latency-scale", "1") as base_url:
+    with simulator("--config", str(sim_cfg), "--latency-scale", "1") as sim:
+        base_url = sim.base_url
         cfg = tmp / f"cycle-{concurrency}.toml"
         cfg.write_text(
             config_text(
@@ -135,7 +111,8 @@ def _runs(db: Path) -> int:
 def memory(tmp: Path, timeout: float) -> tuple[float, float, int]:
     models = 500
     sim_cfg = sim_models(tmp / "sim-memory.toml", models, 0.0)
-    with simulator("--config", str(sim_cfg), "--latency-scale", "0") as base_url:
+    with simulator("--config", str(sim_cfg)) as sim:
+        base_url = sim.base_url
         cfg = tmp / "memory.toml"
         cfg.write_text(
             config_text(

@@ -16,12 +16,12 @@ import time
 import anyio
 import httpx
 
-from benchmarks._sim import simulator
 from exporter.clock import SystemClock
 from exporter.probes import ProbeContext, ProbeSettings, run_probe
 from exporter.prompts import PromptFactory
 from exporter.providers.openai import OpenAIAdapter
 from exporter.transport import RetryPolicy, Transport
+from tests.simulator_process import simulator
 
 MODEL = "sim-cache-ok"
 
@@ -65,8 +65,8 @@ async def engine_loop(client: httpx.AsyncClient, adapter: OpenAIAdapter, n: int)
 
 
 async def main(requests: int, rounds: int) -> None:
-    with simulator("--latency-scale", "0") as base_url:
-        adapter = OpenAIAdapter(base_url=base_url, api_key=None)
+    with simulator() as sim:  # zero added latency
+        adapter = OpenAIAdapter(base_url=sim.base_url, api_key=None)
         bare: list[float] = []
         engine: list[float] = []
         async with httpx.AsyncClient(trust_env=False) as client:

@@ -86,7 +86,7 @@ class ProviderWorker:
         self.budget = budget
         self.clock = clock
         self.runner: JobRunner = runner or partial(
-            _default_runner, config=config, budget=budget, state=state, clock=clock
+            run_job, config=config, budget=budget, state=state, clock=clock
         )
         self.restored = restored or Restored()
         self.probes = config.probes.enabled_for(runtime.config)
@@ -405,21 +405,6 @@ def _skipped(provider: str, model: str, probe: str, started: float, now: float) 
         finished_at=now,
         error_type=ErrorType.BUDGET,
         error="not run: the estimated cost does not fit the budget",
-    )
-
-
-async def _default_runner(
-    runtime: ProviderRuntime,
-    model: str,
-    probe: str,
-    *,
-    config: Config,
-    budget: Budget | None,
-    state: State,
-    clock: Clock,
-) -> ProbeResult:
-    return await run_job(
-        runtime, model, probe, config=config, budget=budget, state=state, clock=clock
     )
 
 

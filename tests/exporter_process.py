@@ -17,6 +17,26 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
+PROBE_NAMES = ("basic", "prompt_sizes", "partial", "persistence", "ttl")
+
+
+def probes_toml(**probes: str) -> str:
+    """[probes.*] tables: the named probes enabled with "interval/timeout" (plus any extra
+    lines after a ';'), every other probe disabled. ``basic="1s/900ms"``."""
+    out = []
+    for name in PROBE_NAMES:
+        spec = probes.get(name)
+        if spec is None:
+            out.append(f"[probes.{name}]\nenabled = false")
+            continue
+        timing, _, extra = spec.partition(";")
+        interval, timeout = timing.split("/")
+        lines = [f"[probes.{name}]", f'interval = "{interval}"', f'timeout = "{timeout}"']
+        lines += [line.strip() for line in extra.split(";") if line.strip()]
+        out.append("\n".join(lines))
+    return "\n".join(out) + "\n"
+
+
 def config_text(
     *,
     sim_url: str,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.exporter_process import ExporterProcess, config_text, value, wait_for
+from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
 from tests.simulator_process import SimProcess, simulator
 
 pytestmark = pytest.mark.slow
@@ -29,19 +29,7 @@ api_key_env = "SIM_API_KEY"
 include = ["sim-cache-ok"]
 isolation_delay = "0s"
 """
-BASIC_FAST = """
-[probes.basic]
-interval = "1s"
-timeout = "900ms"
-[probes.prompt_sizes]
-enabled = false
-[probes.partial]
-enabled = false
-[probes.persistence]
-enabled = false
-[probes.ttl]
-enabled = false
-"""
+BASIC_FAST = probes_toml(basic="1s/900ms")
 
 
 @pytest.fixture
@@ -179,9 +167,7 @@ def test_sigterm_with_a_request_in_flight_exits_0_within_the_grace(tmp_path: Pat
     sim_config.write_text('[[models]]\nname = "sim-slow"\nfault = "slow"\nslow_seconds = 60\n')
     with simulator("--config", str(sim_config), "--latency-scale", "1") as slow_sim:
         providers = ONE_PROVIDER.replace('include = ["sim-cache-ok"]', 'include = ["sim-slow"]')
-        probes = BASIC_FAST.replace(
-            'interval = "1s"\ntimeout = "900ms"', 'interval = "2m"\ntimeout = "1m"'
-        )
+        probes = probes_toml(basic="2m/1m")
         path = _write(tmp_path, slow_sim, providers=providers, probes=probes)
         path.write_text(
             path.read_text().replace("[scheduler]", '[scheduler]\nshutdown_grace = "2s"')

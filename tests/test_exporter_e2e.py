@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.exporter_process import ExporterProcess, config_text, value, wait_for
+from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
 from tests.simulator_process import SimProcess, simulator
 
 pytestmark = pytest.mark.slow
@@ -242,19 +242,7 @@ def _price_source(s: dict, provider: str, model: str) -> str:  # type: ignore[ty
     return _price_labels(s, provider, model)["source"]
 
 
-BASIC_ONLY_SLOW = """
-[probes.basic]
-interval = "1h"
-timeout = "30s"
-[probes.prompt_sizes]
-enabled = false
-[probes.partial]
-enabled = false
-[probes.persistence]
-enabled = false
-[probes.ttl]
-enabled = false
-"""
+BASIC_ONLY_SLOW = probes_toml(basic="1h/30s")
 
 
 def test_restart_shows_restored_verdicts_before_any_new_probe(
@@ -334,21 +322,7 @@ isolation_delay = "0s"
 daily_tokens = {budget}
 monthly_tokens = {budget}
 """
-    probes = """
-[probes.basic]
-interval = "1s"
-timeout = "900ms"
-[probes.persistence]
-interval = "2s"
-timeout = "1s"
-requests = 4
-[probes.prompt_sizes]
-enabled = false
-[probes.partial]
-enabled = false
-[probes.ttl]
-enabled = false
-"""
+    probes = probes_toml(basic="1s/900ms", persistence="2s/1s;requests = 4")
     text = config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=probes)
     rng = random.Random(20261123)
     finished: set[str] = set()
@@ -396,19 +370,7 @@ def _runs(db: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0])
 
 
-ONE_MODEL_PROBES = """
-[probes.basic]
-interval = "1s"
-timeout = "900ms"
-[probes.prompt_sizes]
-enabled = false
-[probes.partial]
-enabled = false
-[probes.persistence]
-enabled = false
-[probes.ttl]
-enabled = false
-"""
+ONE_MODEL_PROBES = probes_toml(basic="1s/900ms")
 
 
 def _one_model_exporter(sim: SimProcess, db: Path) -> ExporterProcess:
