@@ -58,6 +58,7 @@ from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from exporter.durations import Duration, PositiveDuration, format_duration, parse_duration
+from exporter.providers.openai import conventional_key_env
 from exporter.results import ModelPrice
 
 __all__ = [
@@ -508,7 +509,11 @@ class ProviderConfig(_Model):
                 )
             data["base_url"] = DEFAULT_BASE_URLS[kind]
         if data.get("api_key_env") is None:
-            data["api_key_env"] = DEFAULT_KEY_ENV[kind]
+            if kind == "openai":
+                # Only a known host gets a default key variable (see HOST_KEY_ENV).
+                data["api_key_env"] = conventional_key_env(str(data["base_url"])) or ""
+            else:
+                data["api_key_env"] = DEFAULT_KEY_ENV[kind]
         if data.get("balance_currency") is None:
             data["balance_currency"] = _DEFAULT_CURRENCY.get(kind, "usd")
         return data

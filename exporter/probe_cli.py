@@ -34,6 +34,7 @@ from exporter.probes.common import DEFAULT_SIZES, DEFAULT_TTL_DELAYS
 from exporter.prompts import PromptFactory
 from exporter.providers import ADAPTERS, adapter_class
 from exporter.providers.base import HttpRequest, ProviderAdapter
+from exporter.providers.openai import conventional_key_env
 from exporter.results import ProbeResult, RequestRecord
 from exporter.transport import RetryPolicy, Transport
 
@@ -124,10 +125,12 @@ class _Evidence:
 
 
 def resolve_key(
-    adapter_cls: type[ProviderAdapter], env: Mapping[str, str]
+    adapter_cls: type[ProviderAdapter], env: Mapping[str, str], base_url: str = ""
 ) -> tuple[str | None, str | None]:
-    """(key, variable name) from PCE_API_KEY or the API's conventional variables."""
-    for var in (GENERIC_KEY_VAR, *adapter_cls.key_env_vars):
+    """(key, variable name) from PCE_API_KEY or the API's conventional variables (for
+    OpenAI-compatible URLs, only a known host's own variable)."""
+    by_host = conventional_key_env(base_url) if adapter_cls.type_name == "openai" else None
+    for var in (GENERIC_KEY_VAR, *adapter_cls.key_env_vars, *filter(None, [by_host])):
         value = env.get(var)
         if value:
             return value, var
@@ -186,7 +189,7 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
     for name in ("attempts", "persistence_requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
-    key, key_var = resolve_key(cls, env)
+    key, key_var = resolve_key(cls, env, base_url)
     adapter = cls(
         base_url=base_url,
         api_key=key,

@@ -515,3 +515,25 @@ def test_probe_names_match_the_probe_table():
     from exporter.probes import PROBE_NAMES as DISPATCHED
 
     assert PROBE_NAMES == DISPATCHED
+
+
+@pytest.mark.parametrize(
+    ("base_url", "variable"),
+    [
+        ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+        ("https://api.deepseek.com", "DEEPSEEK_API_KEY"),
+        ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
+        # A third-party or local server gets no key unless the config names a variable:
+        # OPENAI_API_KEY must never be sent to it.
+        ("http://127.0.0.1:8080/v1", ""),
+        ("https://llm.example.com/v1", ""),
+    ],
+)
+def test_openai_key_variable_defaults_by_host(tmp_path: Path, base_url: str, variable: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[providers]]\nname = "p"\ntype = "openai"\nbase_url = "{base_url}"\n')
+    provider = load_config(path, env={}).providers[0]
+    assert provider.api_key_env == variable
+    assert provider.api_key({"OPENAI_API_KEY": "sk-x"}) == (
+        "sk-x" if variable.startswith("OPENAI") else None
+    )

@@ -82,6 +82,27 @@ HOST_DEFAULTS: dict[str, HostDefaults] = {
 }
 
 
+# The conventional key variable of hosts that have one. Any other OpenAI-compatible base URL
+# gets no key unless the configuration names a variable: sending OPENAI_API_KEY to a
+# third-party or local server would hand it over.
+HOST_KEY_ENV: dict[str, str] = {
+    "api.openai.com": "OPENAI_API_KEY",
+    "api.deepseek.com": "DEEPSEEK_API_KEY",
+    "openrouter.ai": "OPENROUTER_API_KEY",
+    "api.x.ai": "XAI_API_KEY",
+    "generativelanguage.googleapis.com": "GEMINI_API_KEY",
+    "api.groq.com": "GROQ_API_KEY",
+}
+
+
+def conventional_key_env(base_url: str) -> str | None:
+    host = (urlsplit(base_url).hostname or "").lower()
+    for suffix, variable in HOST_KEY_ENV.items():
+        if host == suffix or host.endswith("." + suffix):
+            return variable
+    return None
+
+
 def host_defaults(base_url: str) -> HostDefaults:
     host = (urlsplit(base_url).hostname or "").lower()
     for suffix, defaults in HOST_DEFAULTS.items():
