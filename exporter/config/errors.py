@@ -1,0 +1,179 @@
+"""ConfigError and the one-line messages it carries.
+
+Every problem with the configuration reaches the user as ``<key path>: <problem>``. This module
+turns pydantic's ValidationError into that form (naming the ``PCE_*`` variable a key came from,
+never its value) and holds the helpers the models use to raise errors that format that way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
+
+from exporter.config.constants import ENV_PREFIX
+
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``str()`` is one line: ``<key path>: <problem>``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever went into it
+
+
+def _quote(value: object) -> str:
+    """A value as it appears in messages: double-quoted, escaped, bounded."""
+    text = str(value)
+    if len(text) > 80:
+        text = text[:79] + "…"
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _invalid(field: str, message: str) -> PydanticCustomError:
+    """A validation error for ``field`` (a key path relative to the model being validated).
+
+    Model validators see the whole model, so the failing key is carried in the context and
+    joined onto the location when the error is formatted.
+    """
+    return PydanticCustomError("config", "{message}", {"message": message, "field": field})
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if math.isfinite(value) and value.is_integer() else f"{value:g}"
+
+
+_MAX_REPORTED = 3
+
+
+def format_validation_error(
+    exc: ValidationError,
+    env_data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """One line for a pydantic ValidationError: ``path: problem`` joined with ``"; "``.
+
+    Where a key came from an environment variable the message says which one, and any string
+    taken from the environment is replaced by ``"***"`` (values of variables never appear).
+    """
+    env_strings = _string_leaves(env_data or {})
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        ctx = error.get("ctx") or {}
+        field = ctx.get("field") if error["type"] == "config" else None
+        path = _format_loc(loc)
+        if field:
+            path = f"{path}.{field}" if path else str(field)
+        message = _message(error, loc)
+        for value in env_strings:
+            message = message.replace(_quote(value), '"***"')
+        variable = _env_variable(loc, field, environ or {})
+        if variable:
+            message += f" (from environment variable {variable})"
+        part = f"{path}: {message}" if path else message
+        if part not in parts:
+            parts.append(part)
+    if len(parts) > _MAX_REPORTED:
+        parts = [*parts[:_MAX_REPORTED], f"and {len(parts) - _MAX_REPORTED} more problems"]
+    return "; ".join(parts)
+
+
+def _message(error: Mapping[str, Any], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "config":
+        return str(ctx["message"])
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "extra_forbidden":
+        if loc and loc[-1] in ("api_key", "key") and loc[0] == "providers":
+            return (
+                "unknown key (API keys are never read from the config file: set api_key_env "
+                "to the name of the environment variable that holds the key)"
+            )
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    simple = {
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "finite_number": "must be a finite number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list",
+        "tuple_type": "must be a list",
+        "dict_type": "must be a table",
+        "mapping_type": "must be a table",
+        "model_type": "must be a table",
+        "model_attributes_type": "must be a table",
+        "path_type": "must be a path",
+    }
+    if kind in simple:
+        return simple[kind]
+    bounds = {
+        "greater_than": ("gt", ">"),
+        "greater_than_equal": ("ge", ">="),
+        "less_than": ("lt", "<"),
+        "less_than_equal": ("le", "<="),
+    }
+    if kind in bounds:
+        key, symbol = bounds[kind]
+        bound = ctx.get(key)
+        return f"must be {symbol} {_number(bound) if isinstance(bound, float) else bound}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    return str(error["msg"])
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    """("providers", 0, "prices", "gpt-*", "input") → providers[0].prices."gpt-*".input"""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = str(part)
+        if text == "[key]":
+            out += " (key)"
+            continue
+        key = text if _TOML_BARE_KEY.fullmatch(text) else _quote(text)
+        out = f"{out}.{key}" if out else key
+    return out
+
+
+def _env_variable(loc: tuple[Any, ...], field: Any, environ: Mapping[str, str]) -> str | None:
+    """The PCE_* variable that set the value at ``loc`` (longest matching prefix), if any."""
+    names: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        names.append(part)
+    if isinstance(field, str) and len(names) == len(loc):
+        names.extend(p for p in re.split(r"[.\[]", field) if p and not p[0].isdigit())
+    upper = {key.upper(): key for key in environ}
+    for end in range(len(names), 0, -1):
+        candidate = ENV_PREFIX + "__".join(names[:end]).upper()
+        if candidate in upper:
+            return upper[candidate]
+    return None
+
+
+def _string_leaves(data: Any) -> set[str]:
+    if isinstance(data, str):
+        return {data}
+    if isinstance(data, Mapping):
+        return {s for value in data.values() for s in _string_leaves(value)}
+    if isinstance(data, list | tuple):
+        return {s for value in data for s in _string_leaves(value)}
+    return set()

@@ -1,0 +1,82 @@
+"""Config: the whole configuration, one pydantic-settings model over every section."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from exporter.config.constants import ENV_PREFIX, LOG_LEVELS
+from exporter.config.errors import _invalid, _quote
+from exporter.config.probes import ProbesConfig
+from exporter.config.providers import ProviderConfig
+from exporter.config.sections import HttpConfig, SchedulerConfig, ServerConfig, StorageConfig
+
+
+class Config(BaseSettings):
+    """The whole configuration. Build it with ``load_config``.
+
+    It is a pydantic-settings model (prefix ``PCE_``, delimiter ``__``), but constructing it
+    directly reads nothing from the process environment: ``load_config`` merges the file and
+    an explicit environment mapping, so tests never pick up the caller's variables.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    providers: tuple[ProviderConfig, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _check_log_level(cls, value: Any) -> Any:
+        level = value.lower() if isinstance(value, str) else value
+        level = "warning" if level == "warn" else level
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (got {_quote(value)})")
+        return level
+
+    @model_validator(mode="after")
+    def _check_providers(self) -> Config:
+        if not self.providers:
+            raise _invalid(
+                "providers", "no providers configured (add at least one [[providers]] table)"
+            )
+        seen: set[str] = set()
+        for index, provider in enumerate(self.providers):
+            if provider.name in seen:
+                raise _invalid(
+                    f"providers[{index}].name", f"duplicate provider name {_quote(provider.name)}"
+                )
+            seen.add(provider.name)
+        return self
+
+    def provider(self, name: str) -> ProviderConfig:
+        """The provider called ``name``. KeyError if there is none."""
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        raise KeyError(name)
