@@ -182,12 +182,10 @@ def test_sigterm_with_a_request_in_flight_exits_0_within_the_grace(tmp_path: Pat
                 30,
             )
             time.sleep(0.5)  # the probe's first request is now waiting on the slow upstream
-            started = time.monotonic()
-            assert exporter.terminate(timeout=15) == 0
-            elapsed = time.monotonic() - started
+            # The SPEC's bound: stopped within 10 s (TimeoutExpired otherwise).
+            assert exporter.terminate(timeout=10) == 0
         finally:
             exporter.kill()
     log = exporter.log()
     assert "probes still running after 2s: cancelling them" in log
     assert "stopped" in log
-    assert elapsed < 10, elapsed  # the SPEC's bound on shutdown, not a performance figure

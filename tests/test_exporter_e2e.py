@@ -346,11 +346,19 @@ monthly_tokens = {budget}
     assert sim.billed_tokens() <= reserved <= budget
 
 
+def require_root(what: str) -> None:
+    """CI runs as root, so there the test must run; a developer without root skips it."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} needs root, and CI runs as root")
+    pytest.skip(f"{what} needs root (CI runs as root)")
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A small tmpfs, so the test can fill it (disk full) and remount it read-only."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    require_root("mounting a tmpfs")
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
@@ -398,8 +406,7 @@ def _wait_recovered(exporter: ExporterProcess, db: Path) -> None:
 
 
 def test_read_only_database_file_keeps_metrics_serving(sim: SimProcess, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("setting the immutable attribute needs root (CI runs as root)")
+    require_root("setting the immutable attribute")
     db = tmp_path / "db.sqlite"
     exporter = _one_model_exporter(sim, db)
     files = [db, db.with_name(db.name + "-wal")]
