@@ -285,11 +285,13 @@ def _fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
 
-def _fmt_hit(record: RequestRecord) -> str:
+def _fmt_hit(record: RequestRecord, no_faster: bool | None = None) -> str:
     if not record.ok:
         return str(record.error_type)
     if record.hit is None:
         return "n/r"  # the API reported no cache fields
+    if record.hit and no_faster:
+        return "hit, no faster than cold"
     return "hit" if record.hit else "miss"
 
 
@@ -303,7 +305,7 @@ def _print_report(
     print(f"{adapter.type_name} {adapter.base_url}  model {model}", file=out)
     header = (
         f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
-        f"{'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
+        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
     )
     for result in results:
         works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
@@ -315,8 +317,32 @@ def _print_report(
         )
         if result.error:
             print(f"  error ({result.error_type}): {result.error}", file=out)
+        if result.baseline_tokens is not None:
+            print(
+                f"  baseline: {result.baseline_tokens} cached tokens every prompt shares "
+                "(template, BOS), not counted; own = cached beyond it",
+                file=out,
+            )
         if result.pollution:
-            print("  cache pollution: a cold request reported cached tokens", file=out)
+            print(
+                "  cache pollution: a cold request's cached tokens reached past the baseline "
+                "into the run's own prompt",
+                file=out,
+            )
+        ttft = result.ttft
+        if ttft.cold_seconds is not None or ttft.warm_seconds is not None:
+            hits = "" if ttft.hit_seconds is None else f" (hits {_fmt_seconds(ttft.hit_seconds)})"
+            print(
+                f"  ttft: cold {_fmt_seconds(ttft.cold_seconds)}, warm "
+                f"{_fmt_seconds(ttft.warm_seconds)}{hits}",
+                file=out,
+            )
+        if ttft.slow_hits:
+            print(
+                f"  ttft: {ttft.slow_hits} hit(s) no faster than the cold request before them: "
+                "the cached tokens did not save prefill time",
+                file=out,
+            )
         for name, size in result.sizes.items():
             size_ratio = "-" if size.hit_ratio is None else f"{size.hit_ratio:.3f}"
             print(
@@ -332,13 +358,14 @@ def _print_report(
         if result.shared_prefix_tokens is not None:
             print(f"  shared prefix: about {result.shared_prefix_tokens} tokens", file=out)
         print(header, file=out)
-        for i, r in enumerate(result.requests, start=1):
+        for i, (r, slow) in enumerate(zip(result.requests, ttft.no_faster, strict=True), 1):
             print(
                 f"  {i:>2}  {r.label[:22]:<22} {_fmt_tokens(r.status):>6} {r.attempts:>3} "
                 f"{_fmt_tokens(r.prompt_tokens):>7} {_fmt_tokens(r.cached_tokens):>7} "
+                f"{_fmt_tokens(r.run_cached_tokens):>6} "
                 f"{_fmt_tokens(r.cache_write_tokens):>6} {_fmt_tokens(r.completion_tokens):>5} "
                 f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8}  "
-                f"{_fmt_hit(r)}",
+                f"{_fmt_hit(r, slow)}",
                 file=out,
             )
     if evidence.commands:

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporter.asgi import BoundAddress, serve_asgi
 from exporter.memtrim import release_after_render
-from exporter.results import ProbeResult, RequestRecord
+from exporter.results import ProbeResult
 from exporter.webconfig import (
     BasicAuthenticator,
     WebConfig,
@@ -349,6 +349,9 @@ _REQUEST_FIELDS: Final = (
     "latency_seconds",
     "ttft_seconds",
     "hit",
+    "baseline_tokens",
+    "run_cached_tokens",
+    "ttft_no_faster",
     "error_type",
     "error",
 )
@@ -359,6 +362,7 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     derived columns (``time``, token sums, mean cold/warm TTFT)."""
     full = result.to_dict()
     requests = result.requests
+    ttft = full["ttft"]
     return {
         "run_id": result.run_id,
         "provider": result.provider,
@@ -375,13 +379,17 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
         "error": result.error,
         "pollution": result.pollution,
         "cache_reported": result.cache_reported,
+        "baseline_tokens": result.baseline_tokens,
         "prompt_tokens": _sum(r.prompt_tokens for r in requests),
         # None when no request reported cache fields: "not reported" is not "0 cached".
         "cached_tokens": _sum(r.cached_tokens for r in requests),
+        "run_cached_tokens": full["run_cached_tokens"],
         "request_count": len(requests),
-        "cold_ttft_seconds": _mean_ttft(requests, cold=True),
-        "warm_ttft_seconds": _mean_ttft(requests, cold=False),
-        "requests": [_request_json(r) for r in requests],
+        "cold_ttft_seconds": ttft["cold_seconds"],
+        "warm_ttft_seconds": ttft["warm_seconds"],
+        "hit_ttft_seconds": ttft["hit_seconds"],
+        "hits_no_faster": ttft["hits_no_faster"],
+        "requests": [{name: r[name] for name in _REQUEST_FIELDS} for r in full["requests"]],
         "sizes": full["sizes"],
         "ttl": full["ttl"],
         "first_miss_index": result.first_miss_index,
@@ -389,21 +397,9 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     }
 
 
-def _request_json(record: RequestRecord) -> dict[str, Any]:
-    data = record.to_dict()
-    return {name: data[name] for name in _REQUEST_FIELDS}
-
-
 def _sum(values: Any) -> int | None:
     present = [v for v in values if v is not None]
     return sum(present) if present else None
-
-
-def _mean_ttft(requests: Sequence[RequestRecord], *, cold: bool) -> float | None:
-    found = [
-        r.ttft_seconds for r in requests if r.cold == cold and r.ok and r.ttft_seconds is not None
-    ]
-    return sum(found) / len(found) if found else None
 
 
 def _rfc3339(epoch: float) -> str:

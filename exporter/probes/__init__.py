@@ -9,7 +9,7 @@ from dataclasses import replace
 import anyio
 
 from exporter.probes import basic, partial, persistence, prompt_sizes, ttl
-from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, new_result, polluted
+from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, judge_run, new_result
 from exporter.results import ErrorType, ProbeResult, Verdict
 
 log = logging.getLogger(__name__)
@@ -59,5 +59,5 @@ async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = No
     result.finished_at = clock.time()
     result.duration_seconds = clock.monotonic() - t0
     result.requests = run_ctx.records
-    result.pollution = polluted(run_ctx.records, run_ctx.settings.hit_threshold_tokens)
+    judge_run(result, run_ctx.settings)
     return result

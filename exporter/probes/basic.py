@@ -1,7 +1,8 @@
 """basic: prime an identical prompt just above the cacheable minimum, then repeat it.
 
-Caching works when the repeat reports cached tokens. Adapters that persist prefixes lazily
-(DeepSeek) get up to ``warmup_repeats`` repeats before the verdict is "broken".
+Caching works when the repeat's own prompt was served from cache (exporter.hits: cached
+tokens beyond the shared baseline the prime reported). Adapters that persist prefixes
+lazily (DeepSeek) get up to ``warmup_repeats`` repeats before the verdict is "broken".
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ async def prime_and_repeat(
     if not any_reported([prime, *repeats]):
         return PrimeRepeat(Verdict.NOT_REPORTED, None, prime.prompt_tokens)
     verdict = Verdict.WORKS if is_hit(last) else Verdict.BROKEN
-    return PrimeRepeat(verdict, token_hit_ratio([last]), prime.prompt_tokens)
+    return PrimeRepeat(verdict, token_hit_ratio(ctx, [last]), prime.prompt_tokens)
 
 
 async def run(ctx: ProbeContext) -> ProbeResult:

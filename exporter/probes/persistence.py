@@ -1,7 +1,9 @@
 """persistence: N identical requests in a row; does the cache keep hitting?
 
-Reports the fraction of warm requests that hit and the first one that missed. Requests
-inside the adapter's warm-up (DeepSeek persists prefixes lazily) are not held against it.
+Reports the fraction of warm requests that hit (by the one rule of exporter.hits: their
+own prompt served from cache, not just the shared template) and the first one that missed.
+Requests inside the adapter's warm-up (DeepSeek persists prefixes lazily) are not held
+against it.
 """
 
 from __future__ import annotations
