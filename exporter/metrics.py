@@ -86,8 +86,9 @@ class ExporterCollector(Collector):
         )
         ratio = GaugeMetricFamily(
             "llmcache_hit_ratio",
-            "Cached share of the warm requests (partial: of the shared prefix; persistence "
-            "and ttl: fraction of warm requests that hit)." + LAST_PROBE,
+            "Run-specific cached share of the warm requests, shared template tokens not "
+            "counted (partial: of the shared prefix; persistence and ttl: fraction of warm "
+            "requests that hit)." + LAST_PROBE,
             labels=(*PMP, "size"),
         )
         ttl_hit = GaugeMetricFamily(
@@ -192,11 +193,15 @@ class ExporterCollector(Collector):
                 labels=PM,
             ),
             "warm_hits": CounterMetricFamily(
-                "llmcache_warm_request_hits", "Warm requests that hit the cache.", labels=PM
+                "llmcache_warm_request_hits",
+                "Warm requests whose own prompt was served from cache (beyond the shared "
+                "template tokens).",
+                labels=PM,
             ),
             "pollution": CounterMetricFamily(
                 "llmcache_cache_pollution",
-                "Cold requests (unique run id first) that nevertheless reported cached tokens.",
+                "Runs whose cold request (unique run id first) reported cached tokens beyond "
+                "the shared baseline.",
                 labels=PM,
             ),
         }

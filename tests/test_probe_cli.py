@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,10 +12,15 @@ import sys
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
+from exporter import probe_cli
+from exporter.clock import FakeClock
 from exporter.simulator.config import SimConfig
+from exporter.simulator.models import SimModel
 from exporter.simulator.server import serve_simulator
+from tests.conftest import SimRig
 
 pytestmark = pytest.mark.anyio
 
@@ -86,6 +92,40 @@ async def test_json_output_and_exit_status(
     _assert_no_secret(proc, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("model", "status", "works", "baseline"),
+    # Token-granular: after the first run, a cold request also shares the system message's
+    # three markers and "Run" with earlier prompts (12 tokens, still the baseline).
+    [("sim-cache-evicting", 1, False, {8}), ("sim-cache-template", 0, True, {8, 12})],
+)
+async def test_json_verdicts_on_servers_that_cache_the_chat_template(
+    sim_url: str, model: str, status: int, works: bool, baseline: set[int]
+) -> None:
+    """The issue's must-show: a busy server that reports only the shared template tokens is
+    not a working cache; a server that reports them as well as the prompt is."""
+    for probe in ("basic", "persistence"):
+        proc = await _cli("--base-url", sim_url, "--model", model, "--probe", probe, "--json")
+        assert proc.returncode == status, proc.stderr.decode()
+        (result,) = json.loads(proc.stdout)["probes"]
+        assert result["caching_works"] is works
+        assert result["pollution"] is False
+        assert result["baseline_tokens"] in baseline
+        if works:
+            assert result["hit_ratio"] > 0.9
+        else:
+            assert result["hit_ratio"] < 0.5
+            assert result["run_cached_tokens"] == 0
+        cold = [r for r in result["requests"] if r["cold"]]
+        assert [r["cached_tokens"] for r in cold] == [result["baseline_tokens"]]
+        assert all(r["hit"] is works for r in result["requests"] if not r["cold"])
+        assert set(result["ttft"]) == {
+            "cold_seconds",
+            "warm_seconds",
+            "hit_seconds",
+            "hits_no_faster",
+        }
+
+
 async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> None:
     proc = await _cli(
         "--base-url", sim_url, "--model", "sim-cache-ok", *FAST, "--evidence-dir", str(tmp_path)
@@ -94,6 +134,8 @@ async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> 
     out = proc.stdout.decode()
     assert "basic: works" in out
     assert re.search(r"\b2\s+repeat\s+200\s+1\s+\d+\s+\d+", out)
+    assert "baseline: 0 cached tokens every prompt shares" in out
+    assert re.search(r"ttft: cold \d+\.\d{3}s, warm \d+\.\d{3}s \(hits \d+\.\d{3}s\)", out)
     assert '-H "Authorization: Bearer $PCE_API_KEY"' in out
     _assert_no_secret(proc, tmp_path)
     # The printed command replays the request for real (the shell supplies the key).
@@ -165,3 +207,38 @@ def _assert_no_secret(
     for path in evidence.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+async def test_evidence_table_shows_the_baseline_and_the_ttft_witness() -> None:
+    """The table's own column and notes, from real runs on the fake clock (exact TTFTs)."""
+    flat = SimModel("sim-flat-ttft", prefill_seconds_per_token=0.0, output_token_seconds=0.0)
+    template = SimModel(
+        "sim-cache-template",
+        min_cacheable_tokens=0,
+        granularity=1,
+        template_tokens=8,
+        output_token_seconds=0.0,
+    )
+    config = SimConfig(models=(flat, template), latency_scale=1.0)
+    clock = FakeClock()
+    async with (
+        serve_simulator(config, clock=clock) as sim,
+        httpx.AsyncClient(trust_env=False) as client,
+    ):
+        rig = SimRig(sim, clock, client)
+        results = [await rig.probe("basic", "sim-cache-template")]
+        results.append(await rig.probe("basic", "sim-flat-ttft"))
+    adapter = rig.context("sim-cache-template").adapter
+    out = io.StringIO()
+    probe_cli._print_report(out, adapter, "m", results, probe_cli._Evidence(None, None))
+    text = out.getvalue()
+    first, second = text.split("\nbasic: ")[1:]
+    assert "baseline: 8 cached tokens every prompt shares" in first
+    repeat = results[0].requests[1]
+    assert repeat.run_cached_tokens is not None
+    assert re.search(rf"repeat .* {repeat.cached_tokens}\s+{repeat.run_cached_tokens}\s", first)
+    assert "no faster" not in first
+    # A "hit" that saved no prefill time: shown, and the verdict still says works.
+    assert second.startswith("works")
+    assert "1 hit(s) no faster than the cold request before them" in second
+    assert re.search(r"repeat .* hit, no faster than cold", second)
