@@ -112,6 +112,14 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
                     probe="partial",
                 )
                 is not None
+                and value(
+                    s,
+                    "llmcache_caching_works",
+                    provider="sim",
+                    model="sim-cache-evicting",
+                    probe="persistence",
+                )
+                is not None
             )
 
         assert wait_for(ready, timeout=120), exporter.log()[-3000:]
@@ -207,7 +215,22 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
         ) > 0
         assert v("llmcache_budget_exhausted", provider="venice-sim") == 0
         assert v("llmcache_provider_paused", provider="sim", reason="balance") == 0
-        assert v("llmcache_models", provider="sim") == 8
+        assert v("llmcache_models", provider="sim") == 11
+        # Servers that report the shared chat-template tokens as cached on every request:
+        # judged on the run's own prompt, by every consumer (verdicts, SLO counters, the
+        # cache label of the histograms, pollution).
+        evicting = {"provider": "sim", "model": "sim-cache-evicting"}
+        assert v("llmcache_caching_works", probe="basic", **evicting) == 0
+        assert v("llmcache_caching_works", probe="persistence", **evicting) == 0
+        for model in ("sim-cache-template", "sim-cache-blocks"):
+            assert v("llmcache_caching_works", provider="sim", model=model, probe="basic") == 1
+        assert (v("llmcache_warm_requests_total", **evicting) or 0) > 0
+        assert v("llmcache_warm_request_hits_total", **evicting) == 0
+        assert v("llmcache_time_to_first_token_seconds_count", cache="hit", **evicting) == 0
+        assert v("llmcache_persistence_hit_ratio", **evicting) == 0
+        assert (v("llmcache_cached_tokens_total", **evicting) or 0) > 0  # the template, as billed
+        for model in ("sim-cache-evicting", "sim-cache-template"):
+            assert v("llmcache_cache_pollution_total", provider="sim", model=model) == 0
         assert v("llmcache_models", provider="venice-sim") == 2
         score = v("llmcache_reliability_score", provider="sim", model="sim-cache-ok")
         assert score is not None

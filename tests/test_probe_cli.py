@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 
 from exporter import probe_cli
-from exporter.clock import FakeClock
 from exporter.simulator.config import SimConfig
 from exporter.simulator.models import SimModel
 from exporter.simulator.server import serve_simulator
-from tests.conftest import SimRig
+from tests.conftest import open_rig
 
 pytestmark = pytest.mark.anyio
 
@@ -219,13 +217,7 @@ async def test_evidence_table_shows_the_baseline_and_the_ttft_witness() -> None:
         template_tokens=8,
         output_token_seconds=0.0,
     )
-    config = SimConfig(models=(flat, template), latency_scale=1.0)
-    clock = FakeClock()
-    async with (
-        serve_simulator(config, clock=clock) as sim,
-        httpx.AsyncClient(trust_env=False) as client,
-    ):
-        rig = SimRig(sim, clock, client)
+    async with open_rig(SimConfig(models=(flat, template), latency_scale=1.0)) as rig:
         results = [await rig.probe("basic", "sim-cache-template")]
         results.append(await rig.probe("basic", "sim-flat-ttft"))
     adapter = rig.context("sim-cache-template").adapter

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from exporter.clock import FakeClock
 from exporter.hits import SHARED_PREFIX_CAP
 from exporter.probes import PROBE_NAMES, ProbeSettings, run_probe
 from exporter.results import ErrorType, ProbeResult, Verdict
 from exporter.server import run_to_json
 from exporter.simulator.config import SimConfig
 from exporter.simulator.models import DEFAULT_MODELS, SimModel
-from exporter.simulator.server import serve_simulator
 from exporter.store import Store
-from tests.conftest import SimRig
+from tests.conftest import SimRig, open_rig
 
 pytestmark = pytest.mark.anyio
 
@@ -341,16 +336,6 @@ async def test_flaky_cache_verdicts_follow_the_evidence(rig: SimRig, probe: str)
 # -- the hit rule on servers that report cached tokens for what every prompt shares --------
 
 
-@contextlib.asynccontextmanager
-async def rig_for(config: SimConfig) -> AsyncIterator[SimRig]:
-    clock = FakeClock()
-    async with (
-        serve_simulator(config, clock=clock) as sim,
-        httpx.AsyncClient(trust_env=False) as client,
-    ):
-        yield SimRig(sim, clock, client)
-
-
 def timed(*models: SimModel) -> SimConfig:
     """Real simulated latencies on the fake clock. Output tokens take no time, so the server
     cannot run ahead of the client between the first token and its arrival: TTFT is exact."""
@@ -364,7 +349,7 @@ async def test_the_evicting_server_of_the_issue_reads_broken_not_perfect() -> No
     """llama.cpp serving another tenant: every response reports the shared template tokens
     as cached and every request takes the full cold time. This once read "works, hit ratio
     1.000, cache pollution"."""
-    async with rig_for(timed()) as rig:
+    async with open_rig(timed()) as rig:
         result = await rig.probe("persistence", "sim-cache-evicting")
     assert result.verdict is Verdict.BROKEN
     assert result.caching_works is False
@@ -387,7 +372,7 @@ async def test_the_evicting_server_of_the_issue_reads_broken_not_perfect() -> No
 
 
 async def test_template_tokens_are_the_baseline_and_the_hit_is_faster() -> None:
-    async with rig_for(timed()) as rig:
+    async with open_rig(timed()) as rig:
         result = await rig.probe("basic", "sim-cache-template")
     prime, repeat = result.requests
     assert (prime.cached_tokens, prime.hit) == (8, False)
@@ -405,7 +390,7 @@ async def test_template_tokens_are_the_baseline_and_the_hit_is_faster() -> None:
 async def test_hits_no_faster_than_cold_are_shown_not_decided() -> None:
     # A server whose "cache" saves no prefill time: every first token after 0.05 s.
     flat = SimModel("sim-flat-ttft", prefill_seconds_per_token=0.0)
-    async with rig_for(timed(flat)) as rig:
+    async with open_rig(timed(flat)) as rig:
         result = await rig.probe("persistence", "sim-flat-ttft")
     assert result.verdict is Verdict.WORKS  # the witness never decides
     ttft = result.ttft
@@ -474,7 +459,7 @@ LAZY = SimModel("sim-lazy", persist_after=2, granularity=64, min_cacheable_token
 async def test_deepseek_style_warm_up(probe: str) -> None:
     """A prefix kept only from its second sending: the first repeat misses. With the
     adapter's two warm-up repeats (DeepSeek's default) that is not held against it."""
-    async with rig_for(SimConfig(models=(LAZY,), latency_scale=0.0)) as rig:
+    async with open_rig(SimConfig(models=(LAZY,), latency_scale=0.0)) as rig:
         settings = ProbeSettings(sizes={"small": 1100, "large": 4000})
         warmed = await rig.probe(probe, "sim-lazy", warmup_repeats=2, settings=settings)
         assert warmed.verdict is Verdict.WORKS
@@ -527,3 +512,19 @@ async def test_store_api_and_json_agree_and_old_rows_still_load(
     assert legacy.run_cached_tokens is None
     assert [r.cached_tokens for r in legacy.requests] == [8] * 10
     assert run_to_json(legacy)["baseline_tokens"] is None
+
+
+async def test_a_fixed_baseline_overrides_the_learned_one(rig: SimRig) -> None:
+    """hit_threshold_tokens, for a server known to share more before the run id than the
+    cap allows: here 1 500 tokens, so a 1 100-token repeat of sim-cache-template is a miss
+    and nothing reads as pollution."""
+    learned = await rig.probe("basic", "sim-cache-template")
+    fixed = await rig.probe(
+        "basic", "sim-cache-template", settings=ProbeSettings(hit_threshold_tokens=1500)
+    )
+    assert learned.verdict is Verdict.WORKS
+    assert fixed.baseline_tokens == 1500
+    assert [r.baseline_tokens for r in fixed.requests] == [1500, 1500]
+    assert fixed.verdict is Verdict.BROKEN
+    assert not fixed.pollution
+    assert fixed.hit_ratio is None  # nothing run-specific left to measure
