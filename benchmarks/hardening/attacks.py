@@ -8,11 +8,14 @@ Prints one figure per attack with its floor. Uses only public APIs that main has
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import anyio
 import httpx
@@ -30,9 +33,9 @@ def _adapter(url: str) -> OpenAIAdapter:
     return OpenAIAdapter(base_url=url, api_key=KEY, stream=True)
 
 
-async def _complete(url: str, stream: bool, timeout: float = 30.0) -> object:
+async def _complete(url: str, stream: bool, deadline: float = 30.0) -> object:
     async with httpx.AsyncClient() as client:
-        t = Transport(client, policy=RetryPolicy(attempts=1, timeout=timeout), clock=SystemClock())
+        t = Transport(client, policy=RetryPolicy(attempts=1, timeout=deadline), clock=SystemClock())
         a = _adapter(url)
         return await t.complete(a, a.chat_request("m", Prompt("r1 sys", "hi"), stream=stream),
                                 stream=stream)  # fmt: skip
@@ -45,8 +48,9 @@ async def bomb() -> None:
     async with hostile_upstream(lambda *_: Reply(200, headers, body)) as up:
         exchange = await _complete(up.url, stream=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    outcome = getattr(exchange, "error", None)
     print(f"bomb of {len(body)} bytes on the wire: peak RSS {peak} MB (was {before} MB before "
-          f"the request; floor: + a few MB); outcome: {getattr(exchange, 'error', None)}")  # fmt: skip
+          f"the request; floor: + a few MB); outcome: {outcome}")  # fmt: skip
 
 
 async def leak() -> None:
@@ -115,30 +119,28 @@ anyio.run(main)
 
 
 async def idle() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    with open("/tmp/pce-idle-server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE,
-                                stderr=log, text=True)  # fmt: skip
+    log_path = Path(tempfile.mkdtemp()) / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - the server under test, in its own process
+            [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, stderr=log, text=True
+        )
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
-        streams = []
-        for _ in range(1100):
-            streams.append(await anyio.connect_tcp("127.0.0.1", port))
+        streams = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(1100)]
         ok = 0
         async with httpx.AsyncClient(timeout=8.0) as client:
             for _ in range(4):
-                try:
+                with contextlib.suppress(httpx.HTTPError):
                     ok += (await client.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
-                except httpx.HTTPError:
-                    pass
-        for s in streams:
-            await s.aclose()
+        for stream in streams:
+            await stream.aclose()
         proc.terminate()
         proc.wait(10)
-    size = sum(1 for _ in open("/tmp/pce-idle-server.log"))
+    lines = len(log_path.read_text().splitlines())
     print(f"scrapes answered with 1,100 idle connections and 1,024 descriptors: {ok}/4 "
-          f"(floor: 4/4); server log: {size} lines")  # fmt: skip
+          f"(floor: 4/4); server log: {lines} lines")  # fmt: skip
 
 
 if __name__ == "__main__":
