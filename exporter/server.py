@@ -45,7 +45,12 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exporter.asgi import BoundAddress, serve_asgi
+from exporter.asgi import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    BoundAddress,
+    serve_asgi,
+)
 from exporter.memtrim import release_after_render
 from exporter.results import ProbeResult
 from exporter.webconfig import (
@@ -144,6 +149,7 @@ def create_app(
     """
     probes = tuple(probe_names)
     render_limiter = anyio.CapacityLimiter(_RENDER_THREADS)
+    encode_limiter = anyio.CapacityLimiter(1)
 
     async def metrics(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -210,7 +216,14 @@ def create_app(
         except Exception:
             log.exception("/api/runs: reading the history failed")
             return _json({"error": "history store unavailable"}, 503)
-        return _json({"runs": [run_to_json(r) for r in results[: query.limit]]}, 200)
+        chosen = results[: query.limit]
+
+        def encode() -> Response:
+            return _json({"runs": [run_to_json(r) for r in chosen]}, 200)
+
+        # A thousand runs take tens of milliseconds to encode: in a worker thread, one at a
+        # time, so heavy /api/runs traffic cannot delay the probes' timings on the loop.
+        return await anyio.to_thread.run_sync(encode, limiter=encode_limiter)
 
     async def landing(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -254,6 +267,8 @@ async def serve(
     port: int,
     web_config: WebConfigSource | WebConfig | None = None,
     graceful_timeout: float = 5.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> AsyncIterator[BoundAddress]:
     """Serve ``app`` until the context exits; yields the bound address (port 0 works).
 
@@ -270,7 +285,13 @@ async def serve(
         # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
         log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
     async with serve_asgi(
-        app, host=host, port=port, ssl_context=ssl_context, graceful_timeout=graceful_timeout
+        app,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
+        graceful_timeout=graceful_timeout,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
     ) as address:
         log.info(
             "listening on %s (TLS %s, basic auth %s)",
@@ -330,8 +351,10 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
     limit = DEFAULT_RUNS_LIMIT
     if values.get("limit"):
         text = values["limit"]
-        # Digits only: int() would also take " 5", "+5", "5_0" and "٥".
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_RUNS_LIMIT:
+        # Digits only: int() would also take " 5", "+5", "5_0" and "٥"; and at most 4 of
+        # them: int() of 4,301 digits raises (CPython's int_max_str_digits).
+        digits = text.isascii() and text.isdigit() and len(text) <= 4
+        if not digits or not 1 <= int(text) <= MAX_RUNS_LIMIT:
             raise _BadRequest(f"limit: must be an integer from 1 to {MAX_RUNS_LIMIT}")
         limit = int(text)
     return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit)

@@ -585,6 +585,7 @@ NAME_RULE = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
         ("limit=%205", "limit: must be an integer from 1 to 1000"),
         ("limit=5_0", "limit: must be an integer from 1 to 1000"),
         ("limit=%D9%A5", "limit: must be an integer from 1 to 1000"),  # Arabic-Indic five
+        ("limit=" + "9" * 4301, "limit: must be an integer from 1 to 1000"),  # int() raises
         ("probe=nope", "probe: must be one of basic, prompt_sizes, ttl, persistence, partial"),
         ("probe=BASIC", "probe: must be one of basic, prompt_sizes, ttl, persistence, partial"),
         ("provider=" + "a" * 201, f"provider: {NAME_RULE}"),
