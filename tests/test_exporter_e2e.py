@@ -286,16 +286,18 @@ isolation_delay = "0s"
         config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
     )
     try:
+        # Both models, not just the one probed last: the snapshot below must be final.
         assert wait_for(
-            lambda: (
+            lambda: all(
                 value(
                     first.scrape(),
                     "llmcache_caching_works",
                     provider="sim",
-                    model="sim-cache-broken",
+                    model=model,
                     probe="basic",
                 )
                 is not None
+                for model in ("sim-cache-ok", "sim-cache-broken")
             ),
             30,
         )
