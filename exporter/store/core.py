@@ -61,7 +61,7 @@ OPERATIONS: Final = (
 
 
 class ProbeStore(Protocol):
-    """What the scheduler, the HTTP API and the CLI need from the history store."""
+    """What the recorder, the HTTP API and the CLI need from the history store."""
 
     async def record_run(
         self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
@@ -82,6 +82,10 @@ class ProbeStore(Protocol):
     async def reliability_inputs(
         self, *, since: float
     ) -> dict[tuple[str, str], list[tuple[Verdict, float | None]]]: ...
+
+    async def reliability_stats(
+        self, *, since: float, provider: str | None = None, model: str | None = None
+    ) -> dict[tuple[str, str], ReliabilityStats]: ...
 
     async def save_balance(self, provider: str, currency: str, amount: float) -> None: ...
 
