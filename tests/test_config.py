@@ -103,6 +103,17 @@ INVALID: dict[str, str] = {
         "(lower-case letters, e.g. usd or diem)"
     ),
     "budget": "providers[0].budget.daily_tokens: must be >= 0",
+    "usd-budget-unpriced": (
+        'providers[0].budget.daily_usd: cannot be enforced without a price for model '
+        '"sim-cache-broken": add [providers.prices."sim-cache-broken"] with input and output '
+        "in USD per million tokens (the openai models endpoint at this base URL publishes no "
+        "prices)"
+    ),
+    "usd-budget-discovered": (
+        "providers[0].budget.monthly_usd: cannot be enforced without prices: models are "
+        "discovered and the anthropic models endpoint at this base URL publishes no prices; "
+        'add [providers.prices."*"] (or one pattern per model family)'
+    ),
 }
 
 
