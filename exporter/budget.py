@@ -191,8 +191,13 @@ class Budget:
         _check_amounts(tokens or 0, usd or 0.0)
         if reservation.id is None:
             return
-        if (tokens is not None and tokens > reservation.tokens) or (
-            usd is not None and usd > reservation.usd
+        # Only a limited unit can be overrun (a token budget reserves no USD, and the other
+        # way round).
+        limits = self._limits.get(reservation.provider, UNLIMITED)
+        token_limited = bool(limits.daily_tokens or limits.monthly_tokens)
+        usd_limited = bool(limits.daily_usd or limits.monthly_usd)
+        if (token_limited and tokens is not None and tokens > reservation.tokens) or (
+            usd_limited and usd is not None and usd > reservation.usd
         ):
             log.warning(
                 "budget: %s used more than it reserved (%s tokens / %s USD reserved, %s / %s "

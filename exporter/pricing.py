@@ -100,9 +100,11 @@ def request_cost(info: PriceInfo, record: RequestRecord) -> tuple[float, float]:
     return charged_usd(info.price, usage, record.cost), savings
 
 
-def max_price_per_token(price: ModelPrice | None) -> float:
-    """The dearest USD per token of a model: a spend reservation's upper bound per token."""
+def reservation_usd(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> float:
+    """An upper bound of what a request with at most these token counts can cost: prompt
+    tokens at the dearest prompt rate (input, cache read or cache write), completions at the
+    output rate."""
     if price is None:
         return 0.0
-    rates = [price.input, price.output, price.cache_read or 0.0, price.cache_write or 0.0]
-    return max(rates) / 1e6
+    prompt_rate = max(price.input, price.cache_read or 0.0, price.cache_write or 0.0)
+    return (prompt_tokens * prompt_rate + completion_tokens * price.output) / 1e6

@@ -19,7 +19,7 @@ from exporter.budget import Budget, BudgetLimits, Reservation
 from exporter.clock import Clock
 from exporter.config import Config, ProviderConfig
 from exporter.forecast import cost_inputs
-from exporter.pricing import PriceInfo, charged_usd, max_price_per_token, resolve_price
+from exporter.pricing import PriceInfo, charged_usd, reservation_usd, resolve_price
 from exporter.probes import PROBE_COSTS, ProbeContext, ProbeSettings, run_probe
 from exporter.probes.cost import ProbeCost
 from exporter.prompts import PromptFactory
@@ -67,7 +67,9 @@ class SpendGate:
             return None  # not in the configuration in force: nothing more is sent
         if self.budget is None or not self.budget.limited(self.runtime.name):
             return _UNBUDGETED
-        usd = estimated_tokens * max_price_per_token(self.price)
+        # The transport's estimate is the prompt's bound plus max_tokens of completion.
+        completion = min(estimated_tokens, self.runtime.adapter.max_tokens)
+        usd = reservation_usd(self.price, estimated_tokens - completion, completion)
         return await self.budget.reserve(self.runtime.name, estimated_tokens, usd)
 
     async def settle(self, handle: object, completion: Completion | None, *, billed: bool) -> None:

@@ -269,26 +269,33 @@ class ProviderWorker:
     # -- models -------------------------------------------------------------------------------
 
     async def _discover(self) -> None:
+        """The models to probe: the configured list, or the models endpoint filtered. A
+        provider that publishes prices is asked even for a configured list: its prices are
+        what spend and a USD budget are computed from."""
         pconf = self.pconf
+        adapter = self.runtime.adapter
         now = self.clock.time()
-        try:
-            if pconf.models:
-                ids = list(pconf.models)
-            else:
-                adapter = self.runtime.adapter
+        listed = list(pconf.models)
+        ids = listed
+        if not listed or adapter.publishes_prices_at(pconf.base_url):
+            try:
                 reply = await self.runtime.transport.get_json(adapter, adapter.models_request())
                 await self.recorder.response_facts(self.name, ResponseFacts.of([reply.meta]))
                 infos = adapter.parse_models(reply.body)
-                self.runtime.published_prices = {i.id: i.price for i in infos if i.price}
-                ids = [i.id for i in infos]
-        except (TransportError, BadResponse) as exc:
-            if isinstance(exc, TransportError):
-                await self.recorder.response_facts(self.name, ResponseFacts.of([exc.meta]))
-            self._discovery_failures += 1
-            wait = min(60.0 * 2 ** (self._discovery_failures - 1), DISCOVERY_RETRY_MAX)
-            self._next_discovery = now + wait
-            log.warning("%s: listing models failed (%s); retrying in %.0fs", self.name, exc, wait)
-            return
+            except (TransportError, BadResponse) as exc:
+                if isinstance(exc, TransportError):
+                    await self.recorder.response_facts(self.name, ResponseFacts.of([exc.meta]))
+                self._discovery_failures += 1
+                wait = min(60.0 * 2 ** (self._discovery_failures - 1), DISCOVERY_RETRY_MAX)
+                self._next_discovery = now + wait
+                log.warning(
+                    "%s: listing models failed (%s); retrying in %.0fs", self.name, exc, wait
+                )
+                if listed and not self.schedule:
+                    self._set_models(listed)  # probe what is configured meanwhile
+                return
+            self.runtime.published_prices = {i.id: i.price for i in infos if i.price}
+            ids = listed or [i.id for i in infos]
         self._discovery_failures = 0
         self._next_discovery = now + DISCOVERY_INTERVAL
         models = select_models(ids, pconf.include, pconf.exclude, pconf.max_models)

@@ -5,6 +5,7 @@ tested against a real ledger and the simulator in tests/test_budget_pause.py."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from exporter.clock import VirtualClock
 from exporter.config import Config, load_config
 from exporter.recorder import Recorder, Restored
-from exporter.report import ResponseFacts, RunReport
+from exporter.report import RunReport
 from exporter.results import ErrorType, ProbeResult, RequestRecord, ResponseMeta, Verdict
 from exporter.runtime import ProviderRuntime
 from exporter.scheduler import Scheduler
@@ -205,9 +206,11 @@ async def test_failures_warn_then_cooldown_then_reset(
 async def test_balance_below_threshold_pauses_and_resumes(tmp_path: Path) -> None:
     provider = """[[providers]]
 name = "p"
-type = "venice"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
 api_key_env = "P_KEY"
 models = ["m1"]
+balance_currency = "diem"
 balance_stop_threshold = 0.5
 balance_check_interval = "10m"
 """
@@ -384,7 +387,7 @@ async def test_retention_cleanup_runs_at_start_and_every_interval(tmp_path: Path
     assert store.cutoffs == [T0 - retention, T0 + 86400 - retention, T0 + 2 * 86400 - retention]
 
 
-ALL_PROBES = {p: "5m" for p in ("basic", "prompt_sizes", "partial", "persistence", "ttl")}
+ALL_PROBES = dict.fromkeys(("basic", "prompt_sizes", "partial", "persistence", "ttl"), "5m")
 
 
 async def test_cooldown_is_a_breaker_one_trial_run_decides(tmp_path: Path) -> None:
@@ -448,12 +451,12 @@ concurrency = 2
     await run_for(config, 120, runner, clock)
     for model in ("fast1", "fast2"):
         starts = [c[0] for c in runner.calls if c[1] == model]
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         # Every 5 s (the interval), although one slot is held by the slow model for 20 s.
         assert max(gaps) <= 5.5, (model, gaps)
         assert len(starts) >= 20
     slow = [c[0] for c in runner.calls if c[1] == "slow"]
-    assert all(b - a >= 20 for a, b in zip(slow, slow[1:], strict=False))
+    assert all(b - a >= 20 for a, b in itertools.pairwise(slow))
 
 
 PROVIDER_Q = """[[providers]]
@@ -470,7 +473,7 @@ async def test_reloads_replace_the_worker_once_and_coalesce(tmp_path: Path) -> N
     clock = VirtualClock(T0)
     runner = Runner(clock, duration=8)  # shorter than the 10 s grace
     config = make_config(tmp_path, PROVIDER_Q.format(delay="1s"), basic="30s/25s")
-    scheduler, state, client = await start(config, clock, runner)
+    scheduler, _state, client = await start(config, clock, runner)
     async with client, anyio.create_task_group() as tg:
         tg.start_soon(scheduler.run)
         await clock.advance(5)  # x's first run (0 to 8 s) is in flight
@@ -484,7 +487,8 @@ async def test_reloads_replace_the_worker_once_and_coalesce(tmp_path: Path) -> N
         await clock.advance(20)
         # The old worker finished its run; ONE new worker, with the last configuration.
         worker = scheduler.workers["q"]
-        assert worker is not first and first.done.is_set()
+        assert worker is not first
+        assert first.done.is_set()
         assert worker.pconf.isolation_delay == 4.0
         assert not worker.runtime.retired
         assert [c[0] for c in runner.calls] == [0]  # next due 30 s after the last start

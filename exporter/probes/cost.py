@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exporter.pricing import max_price_per_token
+from exporter.pricing import reservation_usd
 from exporter.probes.common import ProbeSettings
 from exporter.results import ModelPrice
 
@@ -66,9 +66,11 @@ class ProbeCost:
         return sum(bound(r.prompt_tokens) + r.completion_tokens for r in self.requests)
 
     def upper_bound_usd(self, bound: Callable[[int], int], price: ModelPrice | None) -> float:
-        """USD to have room for: every reserved token at the model's dearest rate, exactly
-        as each request's reservation is priced."""
-        return self.upper_bound_tokens(bound) * max_price_per_token(price)
+        """USD to have room for, each request priced exactly as its reservation is."""
+        return sum(
+            reservation_usd(price, bound(r.prompt_tokens), r.completion_tokens)
+            for r in self.requests
+        )
 
     def expected_usd(self, price: ModelPrice) -> float:
         """What a run is expected to cost when caching works: cold prompt tokens at the
