@@ -104,7 +104,7 @@ INVALID: dict[str, str] = {
     ),
     "budget": "providers[0].budget.daily_tokens: must be >= 0",
     "usd-budget-unpriced": (
-        'providers[0].budget.daily_usd: cannot be enforced without a price for model '
+        "providers[0].budget.daily_usd: cannot be enforced without a price for model "
         '"sim-cache-broken": add [providers.prices."sim-cache-broken"] with input and output '
         "in USD per million tokens (the openai models endpoint at this base URL publishes no "
         "prices)"
@@ -214,11 +214,12 @@ def test_defaults():
     assert (s.cooldown, s.reliability_window, s.cleanup_interval) == (900, 86400, 86400)
     assert s.shutdown_grace == 10
     intervals = {name: config.probes.get(name).interval for name in PROBE_NAMES}
+    # The cheap default schedule (docs/configuration.md "What probing costs").
     assert intervals == {
-        "basic": 300,
-        "prompt_sizes": 3600,
-        "partial": 1800,
-        "persistence": 3600,
+        "basic": 600,
+        "prompt_sizes": 12 * 3600,
+        "partial": 2 * 3600,
+        "persistence": 6 * 3600,
         "ttl": 6 * 3600,
     }
     assert config.probes.basic.timeout == 120
