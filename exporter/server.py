@@ -298,7 +298,9 @@ def _reload_endpoint(
                 log.exception("reload failed")
                 ok, message = False, "reload failed with an internal error (see the log)"
         if ok:
-            return _json({"status": "ok"}, 200)
+            # A message beside "ok" says what the reload could not apply (restart needed).
+            extra = {"warning": _one_line(message)} if message and message != "ok" else {}
+            return _json({"status": "ok", **extra}, 200)
         return _json({"status": "error", "error": _one_line(message)}, 500)
 
     return endpoint
