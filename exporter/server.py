@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from exporter.asgi import BoundAddress, serve_asgi
 from exporter.memtrim import release_after_render
 from exporter.results import ProbeResult, RequestRecord
+from exporter.store import ProbeStore
 from exporter.webconfig import (
     BasicAuthenticator,
     WebConfig,
@@ -83,12 +84,9 @@ _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 _RENDER_THREADS: Final = 1
 
 
-class RunsSource(Protocol):
-    """Where /api/runs reads history from (``exporter.store.Store`` satisfies it)."""
-
-    async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
-    ) -> list[ProbeResult]: ...
+# Where /api/runs reads history from: the history store's narrow interface, the same seam the
+# recorder writes through (``exporter.store.Store`` implements it).
+RunsSource = ProbeStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +126,7 @@ class _RunsQuery:
 def create_app(
     *,
     registry: CollectorRegistry,
-    runs: RunsSource,
+    runs: ProbeStore,
     readiness: Callable[[], Readiness],
     reload: Callable[[], Awaitable[tuple[bool, str]]] | None,
     web_config: WebConfigSource | WebConfig | None,
