@@ -51,6 +51,8 @@ CATALOGUE = {
     "llmcache_budget_limit",
     "llmcache_budget_used",
     "llmcache_budget_exhausted",
+    "llmcache_budget_forecast",
+    "llmcache_model_unpriced",
     "llmcache_reliability_score",
     "llmcache_consecutive_failures",
     "llmcache_model_cooldown",
