@@ -107,10 +107,9 @@ class Daemon:
         return True, "ok"
 
     def _store_error(self, operation: str) -> None:
+        # The recorder exists before the first operation after Store.open (which raises).
         if self.recorder is not None:
             self.recorder.store_error(operation)
-        else:
-            self.state.store_error(operation)
 
     def readiness(self) -> Readiness:
         store = self.store
@@ -148,9 +147,9 @@ class Daemon:
         store = self.store
         try:
             budget = Budget(store, {p.name: budget_limits(p) for p in config.providers}, self.clock)
-            await budget.load()
             recorder = Recorder(self.state, store, budget, self.clock, config)
             self.recorder = recorder
+            await budget.load()
             restored = await recorder.restore()
             recorder.reload_result(True)
             registry = build_registry(ExporterCollector(self.state, now=self.clock.time))

@@ -488,10 +488,6 @@ class Scheduler:
             if slot.worker is not None:
                 slot.worker.request_stop()
 
-    async def wait_workers(self) -> None:
-        for worker in list(self.workers.values()):
-            await worker.done.wait()
-
     def apply(self, config: Config) -> None:
         """Adopt a reloaded configuration (the caller serialises reloads). Budget limits
         apply at once; a provider whose settings (or the global probe, http and scheduler
