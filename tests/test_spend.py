@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.assembly import build_adapter, probe_settings
-from exporter.budget import Budget
+from exporter.budget import Budget, utc_windows
 from exporter.clock import VirtualClock
 from exporter.config import Config, load_config
 from exporter.forecast import ConfigForecast, model_forecast
@@ -52,6 +52,36 @@ enabled = false
 [probes.ttl]
 enabled = false
 """
+
+
+def sim_provider(
+    kind: str = "openai",
+    models: tuple[str, ...] = ("sim-cache-ok",),
+    *,
+    budget: str = "",
+    prices: str = "",
+    delay: str | None = "0s",
+) -> str:
+    """One ``[[providers]]`` table named "sim" at the rig's simulator (``{url}``)."""
+    listed = ", ".join(f'"{m}"' for m in models)
+    lines = [
+        "[[providers]]",
+        'name = "sim"',
+        f'type = "{kind}"',
+        'base_url = "{url}"',
+        'api_key_env = ""',
+        f"models = [{listed}]",
+    ]
+    if delay is not None:
+        lines.append(f'isolation_delay = "{delay}"')
+    if budget:
+        lines += ["[providers.budget]", budget]
+    if prices:
+        lines += ['[providers.prices."sim-cache-ok"]', prices]
+    return "\n".join(lines) + "\n"
+
+
+SIM_PRICES = "input = 1.0\noutput = 4.0\ncache_read = 0.1"
 
 
 @dataclass
@@ -155,18 +185,7 @@ async def session(
     return s.running, s.budget
 
 
-SIM_OK = """
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-cache-ok"]
-[providers.prices."sim-*"]
-input = 1.0
-output = 4.0
-cache_read = 0.1
-"""
+SIM_OK = sim_provider(delay=None, prices=SIM_PRICES)  # the default isolation delay
 
 
 async def test_the_forecast_is_what_a_simulated_day_of_the_default_schedule_bills(
@@ -208,14 +227,7 @@ async def test_the_forecast_is_what_a_simulated_day_of_the_default_schedule_bill
     assert runs == 144  # every 10 minutes, all day
 
 
-SIM_ERROR = """
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-error"]
-"""
+SIM_ERROR = sim_provider(models=("sim-error",), delay=None)
 
 
 async def test_after_a_cooldown_exactly_one_trial_run_reaches_the_simulator(rig: Rig) -> None:
@@ -247,17 +259,7 @@ async def test_after_a_cooldown_exactly_one_trial_run_reaches_the_simulator(rig:
         await s.until(rig.clock.time() + 3600)
 
 
-SIM_TOKEN_BUDGET = """
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-cache-ok"]
-isolation_delay = "0s"
-[providers.budget]
-daily_tokens = 30000
-"""
+SIM_TOKEN_BUDGET = sim_provider(budget="daily_tokens = 30000")
 
 
 async def test_an_exhausted_budget_pauses_visibly_and_resumes_at_the_next_window(
@@ -265,7 +267,6 @@ async def test_an_exhausted_budget_pauses_visibly_and_resumes_at_the_next_window
 ) -> None:
     caplog.set_level(logging.INFO, "exporter.recorder")
     config = rig.config(SIM_TOKEN_BUDGET, ONLY_BASIC)
-    rig.clock = rig.clock  # starts at midnight: the whole day is one window
     s = Session(rig, config, store)
     assert s.budget is not None
     await s.budget.load()
@@ -302,31 +303,11 @@ async def test_an_exhausted_budget_pauses_visibly_and_resumes_at_the_next_window
         assert "there is room again; probing resumes" in caplog.text
         s.scheduler.stop()
         await s.until(rig.clock.time() + 3600)
-    totals = await store.budget_totals("sim", _windows(start))
+    totals = await store.budget_totals("sim", utc_windows(start))
     assert totals.day.tokens <= 30000  # the ledger never exceeded the budget
 
 
-def _windows(at: float) -> Any:
-    from exporter.budget import utc_windows
-
-    return utc_windows(at)
-
-
-SIM_USD_ANTHROPIC = """
-[[providers]]
-name = "sim"
-type = "anthropic"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-cache-ok"]
-isolation_delay = "0s"
-[providers.budget]
-daily_usd = 0.2
-[providers.prices."sim-cache-ok"]
-input = 1.0
-output = 4.0
-cache_read = 0.1
-"""
+SIM_USD_ANTHROPIC = sim_provider("anthropic", budget="daily_usd = 0.2", prices=SIM_PRICES)
 
 
 async def test_a_usd_budget_with_config_prices_holds(rig: Rig, store: Any) -> None:
@@ -353,21 +334,9 @@ async def test_a_usd_budget_with_config_prices_holds(rig: Rig, store: Any) -> No
     assert spend == pytest.approx(expected, abs=1e-8)
 
 
-SIM_USD_REPORTED = """
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-cache-ok"]
-isolation_delay = "0s"
-[providers.budget]
-daily_usd = 0.05
-[providers.prices."sim-cache-ok"]
-input = 2.0
-output = 8.0
-cache_read = 0.2
-"""
+SIM_USD_REPORTED = sim_provider(
+    budget="daily_usd = 0.05", prices="input = 2.0\noutput = 8.0\ncache_read = 0.2"
+)
 
 
 async def test_a_usd_budget_reconciles_with_the_cost_the_provider_reports(
@@ -388,17 +357,9 @@ async def test_a_usd_budget_reconciles_with_the_cost_the_provider_reports(
     assert spend == pytest.approx(charged, abs=1e-8)
 
 
-SIM_VENICE_USD = """
-[[providers]]
-name = "sim"
-type = "venice"
-base_url = "{url}"
-api_key_env = ""
-models = ["sim-cache-ok", "sim-not-published"]
-isolation_delay = "0s"
-[providers.budget]
-daily_usd = 1.0
-"""
+SIM_VENICE_USD = sim_provider(
+    "venice", ("sim-cache-ok", "sim-not-published"), budget="daily_usd = 1.0"
+)
 
 
 async def test_under_a_usd_budget_a_model_without_a_price_is_not_probed(
