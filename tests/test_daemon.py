@@ -78,17 +78,24 @@ def test_invalid_config_exits_2_with_one_line(tmp_path: Path) -> None:
         'base_url = "http://127.0.0.1:1/v1"\napi_key_env = "X"\n'
     )
     for command in ("run", "check-config"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "exporter", command, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 2, (command, proc.stderr)
-        assert proc.stderr.strip().startswith("error: server.listen: invalid listen address")
-        assert len(proc.stderr.strip().splitlines()) == 1
-        assert "Traceback" not in proc.stderr
+        line = _one_line_exit_2(command, path)
+        assert line.startswith("error: server.listen: invalid listen address")
+
+
+def _one_line_exit_2(command: str, path: Path) -> str:
+    """Run ``command`` on ``path``; it must exit 2 with exactly one line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, (command, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 def test_the_key_never_reaches_logs_metrics_api_or_database(
@@ -195,17 +202,7 @@ def test_sigterm_with_a_request_in_flight_exits_0_within_the_grace(tmp_path: Pat
 def test_a_usd_budget_that_cannot_be_priced_is_refused_by_check_config_and_run() -> None:
     fixture = Path(__file__).parent / "fixtures" / "config" / "invalid-usd-budget-unpriced.toml"
     for command in ("check-config", "run"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "exporter", command, "--config", str(fixture)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 2, (command, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1, proc.stderr
-        assert lines[0].startswith(
+        assert _one_line_exit_2(command, fixture).startswith(
             "error: providers[0].budget.daily_usd: cannot be enforced without a price for model "
             '"sim-cache-broken": add [providers.prices."sim-cache-broken"]'
         )
