@@ -81,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(path: str | None) -> int:
-    """Validate the configuration and the web config file it names (TLS, basic auth)."""
+    """Validate the configuration and the web config file it names (TLS, basic auth), and
+    say what the schedule will cost."""
     from exporter.config import ConfigError, check_config_command, load_config
+    from exporter.forecast import ConfigForecast
     from exporter.webconfig import WebConfigError, load_web_config
 
-    status = check_config_command(path)
+    status = check_config_command(path, forecast=ConfigForecast)
     if status != 0:
         return status
     try:

@@ -26,20 +26,27 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+from pydantic import ValidationError
 
+from exporter.assembly import build_adapter, retry_policy
 from exporter.clock import SystemClock
-from exporter.durations import parse_duration
+from exporter.config import HttpConfig, ProbesConfig, ProviderConfig, format_validation_error
+from exporter.durations import format_duration, parse_duration
 from exporter.probes import PROBE_NAMES, ProbeContext, ProbeSettings, run_probe
-from exporter.probes.common import DEFAULT_SIZES, DEFAULT_TTL_DELAYS
 from exporter.prompts import PromptFactory
 from exporter.providers import ADAPTERS, adapter_class
 from exporter.providers.base import HttpRequest, ProviderAdapter
-from exporter.providers.openai import conventional_key_env
 from exporter.results import ProbeResult, RequestRecord
 from exporter.transport import RetryPolicy, Transport
 
 EXIT_WORKS, EXIT_BROKEN, EXIT_USAGE, EXIT_NO_VERDICT = 0, 1, 2, 3
 GENERIC_KEY_VAR = "PCE_API_KEY"
+
+
+# Defaults come from the configuration models, so `probe` and `run` behave alike.
+_HTTP = HttpConfig()
+_PROBES = ProbesConfig()
+_PROVIDER_FIELDS = ProviderConfig.model_fields
 
 
 class UsageError(Exception):
@@ -62,22 +69,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stream", action="store_true", help="do not use streaming")
     parser.add_argument(
         "--ttl-delays",
-        default=",".join(f"{d:g}s" for d in DEFAULT_TTL_DELAYS),
+        default=",".join(format_duration(d) for d in _PROBES.ttl.delays),
         help="comma-separated delays for the ttl probe (default: %(default)s)",
     )
     parser.add_argument(
         "--sizes",
-        default=",".join(f"{k}={v}" for k, v in DEFAULT_SIZES.items()),
+        default=",".join(f"{k}={v}" for k, v in _PROBES.prompt_sizes.sizes.items()),
         help="name=tokens pairs for the prompt_sizes probe (default: %(default)s)",
     )
-    parser.add_argument("--persistence-requests", type=int, default=10)
+    parser.add_argument("--persistence-requests", type=int, default=_PROBES.persistence.requests)
     parser.add_argument("--min-cacheable-tokens", type=int, help="override the adapter default")
     parser.add_argument("--warmup-repeats", type=int, help="override the adapter default")
-    parser.add_argument("--max-tokens", type=int, default=8, help="completion tokens per request")
-    parser.add_argument("--timeout", default="30s", help="per-request timeout")
-    parser.add_argument("--attempts", type=int, default=3, help="attempts per request")
-    parser.add_argument("--backoff", default="2s", help="first retry wait (doubles)")
-    parser.add_argument("--backoff-max", default="8s")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=_PROVIDER_FIELDS["max_tokens"].default,
+        help="completion tokens per request",
+    )
+    parser.add_argument(
+        "--timeout", default=format_duration(_HTTP.timeout), help="per-request timeout"
+    )
+    parser.add_argument("--attempts", type=int, default=_HTTP.attempts, help="attempts per request")
+    parser.add_argument(
+        "--backoff", default=format_duration(_HTTP.backoff), help="first retry wait (doubles)"
+    )
+    parser.add_argument("--backoff-max", default=format_duration(_HTTP.backoff_max))
     parser.add_argument("--deadline", default="10m", help="deadline per probe")
     parser.add_argument("--seed", type=int, default=0, help="seed for the prompt filler")
     parser.add_argument(
@@ -129,8 +145,7 @@ def resolve_key(
 ) -> tuple[str | None, str | None]:
     """(key, variable name) from PCE_API_KEY or the API's conventional variables (for
     OpenAI-compatible URLs, only a known host's own variable)."""
-    by_host = conventional_key_env(base_url) if adapter_cls.type_name == "openai" else None
-    for var in (GENERIC_KEY_VAR, *adapter_cls.key_env_vars, *filter(None, [by_host])):
+    for var in filter(None, (GENERIC_KEY_VAR, adapter_cls.key_env_for(base_url))):
         value = env.get(var)
         if value:
             return value, var
@@ -189,26 +204,36 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
     for name in ("attempts", "persistence_requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
-    key, key_var = resolve_key(cls, env, base_url)
-    adapter = cls(
-        base_url=base_url,
-        api_key=key,
-        min_cacheable_tokens=args.min_cacheable_tokens,
-        warmup_repeats=args.warmup_repeats,
-        stream=not args.no_stream,
-        max_tokens=args.max_tokens,
-    )
+    _key, key_var = resolve_key(cls, env, base_url)
     settings = ProbeSettings(
         sizes=_parse_sizes(args.sizes),
         persistence_requests=max(2, args.persistence_requests),
         ttl_delays=_parse_delays(args.ttl_delays),
     )
-    policy = RetryPolicy(
-        attempts=args.attempts,
-        backoff=_duration_arg("backoff", args.backoff),
-        backoff_max=_duration_arg("backoff-max", args.backoff_max),
-        timeout=_duration_arg("timeout", args.timeout),
-    )
+    try:
+        # The same models (and so the same rules and defaults) as a configured provider.
+        provider = ProviderConfig.model_validate(
+            {
+                "name": "probe",
+                "type": args.provider_type,
+                "base_url": base_url,
+                "api_key_env": key_var or "",
+                "min_cacheable_tokens": args.min_cacheable_tokens,
+                "warmup_repeats": args.warmup_repeats,
+                "stream": not args.no_stream,
+                "max_tokens": args.max_tokens,
+            }
+        )
+        http = HttpConfig(
+            attempts=args.attempts,
+            backoff=_duration_arg("backoff", args.backoff),
+            backoff_max=_duration_arg("backoff-max", args.backoff_max),
+            timeout=_duration_arg("timeout", args.timeout),
+        )
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from None
+    adapter = build_adapter(provider, env)
+    policy = retry_policy(http)
     probes = list(PROBE_NAMES) if args.probe == "all" else [args.probe]
     deadline = _duration_arg("deadline", args.deadline)
     return _Plan(adapter, probes, settings, policy, deadline, key_var)

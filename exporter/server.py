@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
@@ -53,6 +53,7 @@ from exporter.asgi import (
 )
 from exporter.memtrim import release_after_render
 from exporter.results import ProbeResult
+from exporter.store import ProbeStore
 from exporter.webconfig import (
     BasicAuthenticator,
     WebConfig,
@@ -88,12 +89,9 @@ _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 _RENDER_THREADS: Final = 1
 
 
-class RunsSource(Protocol):
-    """Where /api/runs reads history from (``exporter.store.Store`` satisfies it)."""
-
-    async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
-    ) -> list[ProbeResult]: ...
+# Where /api/runs reads history from: the history store's narrow interface, the same seam the
+# recorder writes through (``exporter.store.Store`` implements it).
+RunsSource = ProbeStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +131,7 @@ class _RunsQuery:
 def create_app(
     *,
     registry: CollectorRegistry,
-    runs: RunsSource,
+    runs: ProbeStore,
     readiness: Callable[[], Readiness],
     reload: Callable[[], Awaitable[tuple[bool, str]]] | None,
     web_config: WebConfigSource | WebConfig | None,
@@ -319,7 +317,9 @@ def _reload_endpoint(
                 log.exception("reload failed")
                 ok, message = False, "reload failed with an internal error (see the log)"
         if ok:
-            return _json({"status": "ok"}, 200)
+            # A message beside "ok" says what the reload could not apply (restart needed).
+            extra = {"warning": _one_line(message)} if message and message != "ok" else {}
+            return _json({"status": "ok", **extra}, 200)
         return _json({"status": "error", "error": _one_line(message)}, 500)
 
     return endpoint

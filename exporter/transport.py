@@ -30,6 +30,7 @@ import anyio
 import httpx
 
 from exporter.clock import Clock
+from exporter.config import HttpConfig
 from exporter.providers.base import (
     BadResponse,
     HttpRequest,
@@ -37,7 +38,7 @@ from exporter.providers.base import (
     UpstreamError,
     one_line,
 )
-from exporter.results import Completion, ErrorType, ResponseMeta, Usage
+from exporter.results import Completion, ErrorType, ResponseMeta
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,20 @@ RETRYABLE_ERRORS = frozenset(
 )
 
 
+_HTTP = HttpConfig()  # the defaults live in the configuration model
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How hard to try. Defaults follow the SPEC: 30 s timeout, 3 attempts, 2/4/8 s backoff."""
+    """How hard to try. Defaults are ``[http]``'s (SPEC: 30 s, 3 attempts, 2/4/8 s backoff)."""
 
-    attempts: int = 3
-    backoff: float = 2.0
-    backoff_max: float = 8.0
+    attempts: int = _HTTP.attempts
+    backoff: float = _HTTP.backoff
+    backoff_max: float = _HTTP.backoff_max
     # A Retry-After longer than this is not waited for: the request fails as rate_limit.
-    max_retry_after: float = 60.0
-    timeout: float = 30.0
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_retry_after: float = _HTTP.max_retry_after
+    timeout: float = _HTTP.timeout
+    max_body_bytes: int = _HTTP.max_body_bytes
 
     def backoff_for(self, retry_number: int) -> float:
         """Wait before retry ``retry_number`` (1-based): backoff, 2×, 4×, ... capped."""
@@ -75,11 +79,12 @@ class SpendGuard(Protocol):
 
     async def reserve(self, estimated_tokens: int) -> object | None: ...
 
-    async def settle(self, handle: object, usage: Usage | None, *, billed: bool) -> None:
+    async def settle(self, handle: object, completion: Completion | None, *, billed: bool) -> None:
         """Replace the reservation with what was billed.
 
-        ``usage`` is what the upstream reported; without it, ``billed`` says whether the
-        upstream may have charged the attempt anyway (then the reservation stays as spent).
+        ``completion`` carries what the upstream reported (usage, and the cost where it says);
+        without it, ``billed`` says whether the upstream may have charged the attempt anyway
+        (then the reservation stays as spent).
         """
         ...
 
@@ -106,13 +111,29 @@ class Exchange:
         return self.error_type is None and self.completion is not None
 
 
-class TransportError(Exception):
-    """A non-completion request (models, balance) failed."""
+@dataclass(frozen=True, slots=True)
+class JsonReply:
+    """A non-completion request's answer (models, balance) and what its headers said."""
 
-    def __init__(self, error_type: ErrorType, message: str, status: int | None = None) -> None:
+    body: Any
+    meta: ResponseMeta = field(default_factory=ResponseMeta)
+
+
+class TransportError(Exception):
+    """A non-completion request (models, balance) failed. ``meta`` is what the last response's
+    headers said (a 402 may still report the balance)."""
+
+    def __init__(
+        self,
+        error_type: ErrorType,
+        message: str,
+        status: int | None = None,
+        meta: ResponseMeta | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.status = status
+        self.meta = meta or ResponseMeta()
 
 
 @dataclass(slots=True)
@@ -138,13 +159,11 @@ class Transport:
         *,
         policy: RetryPolicy | None = None,
         clock: Clock,
-        on_meta: Callable[[ResponseMeta], None] | None = None,
         throttle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy or RetryPolicy()
         self.clock = clock
-        self._on_meta = on_meta
         self._throttle = throttle
 
     async def complete(
@@ -172,8 +191,7 @@ class Transport:
             result.attempts = attempt_no
             attempt = await self._attempt(adapter, request, stream=stream)
             if guard is not None and handle is not None:
-                usage = attempt.completion.usage if attempt.completion is not None else None
-                await guard.settle(handle, usage, billed=attempt.maybe_billed)
+                await guard.settle(handle, attempt.completion, billed=attempt.maybe_billed)
             self._copy(attempt, result)
             if attempt.error_type is None:
                 return result
@@ -193,7 +211,7 @@ class Transport:
             await self.clock.sleep(wait)
         return result
 
-    async def get_json(self, adapter: ProviderAdapter, request: HttpRequest) -> Any:
+    async def get_json(self, adapter: ProviderAdapter, request: HttpRequest) -> JsonReply:
         """A small GET (models, balance) with the same retries; raises TransportError."""
         last: TransportError | None = None
         for attempt_no in range(1, self.policy.attempts + 1):
@@ -229,13 +247,6 @@ class Transport:
         result.ttft = attempt.ttft
         result.error_type = attempt.error_type
         result.error = attempt.error
-
-    def _report_meta(self, meta: ResponseMeta) -> None:
-        if self._on_meta is not None:
-            try:
-                self._on_meta(meta)
-            except Exception:  # a metrics hook must never break a probe
-                log.exception("response metadata hook failed")
 
     async def _attempt(
         self, adapter: ProviderAdapter, request: HttpRequest, *, stream: bool
@@ -315,9 +326,7 @@ class Transport:
     def _parse_meta(self, adapter: ProviderAdapter, response: httpx.Response) -> ResponseMeta:
         # Header values without the key before any adapter reads (or truncates) them.
         headers = httpx.Headers([(k, adapter.redact(v)) for k, v in response.headers.multi_items()])
-        meta = adapter.parse_meta(headers)
-        self._report_meta(meta)
-        return meta
+        return adapter.parse_meta(headers)
 
     async def _read_stream(
         self, adapter: ProviderAdapter, response: httpx.Response, out: _Attempt, start: float
@@ -329,22 +338,26 @@ class Transport:
                 out.ttft = self.clock.monotonic() - start
         out.completion = decoder.finish()
 
-    async def _get_json_once(self, adapter: ProviderAdapter, request: HttpRequest) -> Any:
+    async def _get_json_once(self, adapter: ProviderAdapter, request: HttpRequest) -> JsonReply:
+        meta = ResponseMeta()
         try:
             with anyio.fail_after(self.policy.timeout):
                 async with self._stream(request) as response:
-                    self._parse_meta(adapter, response)
+                    meta = self._parse_meta(adapter, response)
                     if response.status_code >= 400:
                         body = await _read_error_body(adapter, response)
                         raise TransportError(
                             adapter.classify_error(response.status_code, body),
                             adapter.redact(adapter.error_message(response.status_code, body)),
                             response.status_code,
+                            meta,
                         )
                     raw = await _read_capped(response, self.policy.max_body_bytes)
-                    return _decode_json(adapter.redact_bytes(raw))
+                    return JsonReply(_decode_json(adapter.redact_bytes(raw)), meta)
         except BadResponse as exc:
-            raise TransportError(ErrorType.BAD_RESPONSE, adapter.redact(str(exc))) from None
+            raise TransportError(
+                ErrorType.BAD_RESPONSE, adapter.redact(str(exc)), meta=meta
+            ) from None
         except (TimeoutError, httpx.TimeoutException):
             log.warning(
                 "%s: gave up after %gs (one deadline from connect to last byte)",
@@ -352,11 +365,13 @@ class Transport:
                 self.policy.timeout,
             )
             raise TransportError(
-                ErrorType.TIMEOUT, f"timed out after {self.policy.timeout:g}s"
+                ErrorType.TIMEOUT, f"timed out after {self.policy.timeout:g}s", meta=meta
             ) from None
         except httpx.HTTPError as exc:
             raise TransportError(
-                ErrorType.CONNECTION, adapter.redact(one_line(f"{type(exc).__name__}: {exc}"))
+                ErrorType.CONNECTION,
+                adapter.redact(one_line(f"{type(exc).__name__}: {exc}")),
+                meta=meta,
             ) from None
 
 

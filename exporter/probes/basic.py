@@ -18,6 +18,7 @@ from exporter.probes.common import (
     new_result,
     token_hit_ratio,
 )
+from exporter.probes.cost import CostInputs, ProbeCost, RequestEstimate
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "basic"
@@ -71,3 +72,16 @@ async def run(ctx: ProbeContext) -> ProbeResult:
     result = new_result(ctx, NAME, outcome.verdict)
     result.hit_ratio = outcome.hit_ratio
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """A prime and up to ``warmup_repeats`` repeats of one prompt at the target size."""
+    return ProbeCost(prime_and_repeat_cost(inputs, inputs.target))
+
+
+def prime_and_repeat_cost(inputs: CostInputs, size: int) -> tuple[RequestEstimate, ...]:
+    repeats = max(1, inputs.warmup_repeats)
+    return (inputs.request(size), *(inputs.request(size, size) for _ in range(repeats)))

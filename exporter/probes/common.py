@@ -8,19 +8,22 @@ from dataclasses import dataclass, field
 
 from exporter import hits
 from exporter.clock import Clock
+from exporter.config import ProbesConfig
 from exporter.prompts import DEFAULT_MARGIN, PromptFactory, new_run_id
 from exporter.providers.base import HttpRequest, Prompt, ProviderAdapter
-from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
+from exporter.results import ErrorType, ProbeResult, RequestRecord, ResponseMeta, Verdict
 from exporter.transport import SpendGuard, Transport
 
-DEFAULT_SIZES: dict[str, int] = {"small": 1100, "medium": 2000, "large": 4000, "xlarge": 8000}
-DEFAULT_TTL_DELAYS: tuple[float, ...] = (1.0, 5.0, 10.0, 30.0)
+# The defaults live in the configuration models; these are views for callers without a config.
+_DEFAULTS = ProbesConfig()
+DEFAULT_SIZES: dict[str, int] = dict(_DEFAULTS.prompt_sizes.sizes)
+DEFAULT_TTL_DELAYS: tuple[float, ...] = tuple(_DEFAULTS.ttl.delays)
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeSettings:
     sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
-    persistence_requests: int = 10
+    persistence_requests: int = _DEFAULTS.persistence.requests
     ttl_delays: tuple[float, ...] = DEFAULT_TTL_DELAYS
     partial_variants: int = 2
     # Prompt size relative to the provider minimum for basic/persistence/ttl/partial.
@@ -59,6 +62,9 @@ class ProbeContext:
     on_request: Callable[[HttpRequest, RequestRecord], None] | None = None
     # Filled while the probe runs, so evidence survives a deadline or a failure.
     records: list[RequestRecord] = field(default_factory=list)
+    # What every response's headers said (balances, rate limits), in order; kept by the caller
+    # (``run_probe`` does not replace this list), which hands it to the recorder.
+    responses: list[ResponseMeta] = field(default_factory=list)
 
     @property
     def calibration_key(self) -> str:
@@ -101,6 +107,8 @@ class ProbeContext:
             estimated_tokens=self.estimated_cost_tokens(prompt),
             guard=self.guard,
         )
+        if exchange.status is not None:
+            self.responses.append(exchange.meta)
         record.status = exchange.status
         record.attempts = exchange.attempts
         record.streamed = exchange.streamed

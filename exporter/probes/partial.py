@@ -16,6 +16,8 @@ from exporter.probes.common import (
     new_result,
     warm_verdict,
 )
+from exporter.probes.cost import CostInputs, ProbeCost
+from exporter.prompts import PARTIAL_USER_TOKENS
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "partial"
@@ -57,3 +59,14 @@ async def run(ctx: ProbeContext) -> ProbeResult:
     if known:
         result.hit_ratio = sum(known) / len(known)
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """A prime and ``partial_variants`` variants sharing its system prompt."""
+    prefix = inputs.target + _TEMPLATE_SLACK
+    size = prefix + PARTIAL_USER_TOKENS
+    variants = inputs.settings.partial_variants
+    return ProbeCost((inputs.request(size), *(inputs.request(size, prefix),) * variants))

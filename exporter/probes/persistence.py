@@ -17,6 +17,7 @@ from exporter.probes.common import (
     new_result,
     warm_verdict,
 )
+from exporter.probes.cost import CostInputs, ProbeCost
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "persistence"
@@ -50,3 +51,13 @@ async def run(ctx: ProbeContext) -> ProbeResult:
         misses = [skip + 1 + i for i, hit in enumerate(hits) if not hit]
         result.first_miss_index = misses[0] if misses else None
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """``requests`` identical requests at the target size, the first one cold."""
+    count = max(2, inputs.settings.persistence_requests)
+    size = inputs.target
+    return ProbeCost((inputs.request(size), *(inputs.request(size, size),) * (count - 1)))

@@ -94,6 +94,9 @@ class ProviderAdapter(ABC):
     key_env_vars: ClassVar[tuple[str, ...]] = ()
     # Where the API lives when no base URL is configured (None: a base URL is required).
     default_base_url: ClassVar[str | None] = None
+    # Whether the models endpoint publishes per-model prices (a USD budget can then be
+    # enforced without a price table in the configuration).
+    publishes_prices: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -119,6 +122,16 @@ class ProviderAdapter(ABC):
         self.stream = stream and self.supports_streaming
         self.max_tokens = max_tokens
         self.extra_headers = dict(extra_headers or {})
+
+    @classmethod
+    def key_env_for(cls, base_url: str) -> str | None:
+        """The conventional variable holding this API's key at ``base_url`` (None: none)."""
+        return cls.key_env_vars[0] if cls.key_env_vars else None
+
+    @classmethod
+    def publishes_prices_at(cls, base_url: str) -> bool:
+        """Whether the models endpoint at ``base_url`` publishes prices."""
+        return cls.publishes_prices
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r})"
