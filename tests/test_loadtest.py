@@ -4,6 +4,7 @@ on 127.0.0.1, with the simulator's own counters as the independent witness."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -16,6 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
+from exporter.cli import build_parser
+from exporter.loadtest import cli as loadtest_cli
 from exporter.simulator.config import SimConfig
 from exporter.simulator.models import DEFAULT_MODELS
 from exporter.simulator.server import SimulatorHandle, serve_simulator
@@ -37,6 +40,16 @@ async def _loadtest(*args: str, key: str | None = SECRET) -> subprocess.Complete
     return await anyio.run_process(
         [sys.executable, "-m", "exporter", "loadtest", *args], env=_env(key), check=False
     )
+
+
+async def _json_run(
+    sim: SimulatorHandle, model: str, *args: str, key: str | None = SECRET
+) -> tuple[subprocess.CompletedProcess[bytes], dict[str, Any]]:
+    """A run against ``sim`` with a JSON report (empty when nothing was printed)."""
+    proc = await _loadtest(
+        "--base-url", sim.base_url, "--model", model, *args, "--format", "json", key=key
+    )
+    return proc, (json.loads(proc.stdout) if proc.stdout else {})
 
 
 def _models(**overrides: dict[str, Any]) -> tuple[Any, ...]:
@@ -74,12 +87,9 @@ async def test_two_hundred_requests_at_concurrency_eight(
 ) -> None:
     """The issue's must-show: -n 200 -c 8; warm hit ratio > 0.9 where caching works and 0
     where it is broken, with p50/p95 of latency and TTFT for cold and warm."""
-    proc = await _loadtest(
-        "--base-url", sim.base_url, "--model", model, "-n", "200", "-c", "8", "--format", "json"
-    )
+    proc, report = await _json_run(sim, model, "-n", "200", "-c", "8")
     assert proc.returncode == status, proc.stderr.decode()
     _no_secret(proc)
-    report = json.loads(proc.stdout)
     assert report["stopped"] == "completed"
     assert report["sent"] == 200
     cold, warm = report["cold"], report["warm"]
@@ -137,20 +147,8 @@ async def test_text_report_shows_cold_and_warm_percentiles(sim: SimulatorHandle)
 async def test_rate_limited_429s_are_counted_and_honoured(sim: SimulatorHandle) -> None:
     """sim-ratelimited serves one chat request in four and answers the others 429 with
     Retry-After; every retry must come at least that long after the 429."""
-    proc = await _loadtest(
-        "--base-url",
-        sim.base_url,
-        "--model",
-        "sim-ratelimited",
-        "-n",
-        "8",
-        "-c",
-        "4",
-        "--format",
-        "json",
-    )
+    proc, report = await _json_run(sim, "sim-ratelimited", "-n", "8", "-c", "4")
     assert proc.returncode in (0, 3), proc.stderr.decode()
-    report = json.loads(proc.stdout)
     stats = _model_stats(sim, "sim-ratelimited")
     limits = report["rate_limits"]
     # Counted: exactly the 429s the simulator sent.
@@ -208,7 +206,10 @@ async def test_the_cap_holds_during_the_run(sim: SimulatorHandle) -> None:
     assert report["spend"]["total_tokens"] == billed
     if report["stopped"] == "token_cap":
         assert report["errors"] == {"budget": 1}
-        assert totals["requests"] == report["sent"] - 1  # the denied one was never sent
+        denied = report["requests"][-1]
+        assert denied["error_type"] == "budget"
+        assert denied["attempt_log"] == []  # never sent
+        assert totals["requests"] == report["sent"] == len(report["requests"]) - 1
     else:
         assert report["stopped"] == "completed"
         assert totals["requests"] == 20
@@ -247,24 +248,9 @@ async def test_ctrl_c_stops_cleanly_and_reports_what_finished() -> None:
 
 
 async def test_duration_stops_starting_new_requests(sim: SimulatorHandle) -> None:
-    proc = await _loadtest(
-        "--base-url",
-        sim.base_url,
-        "--model",
-        "sim-cache-ok",
-        "-n",
-        "5000",
-        "-c",
-        "2",
-        "--duration",
-        "300ms",
-        "--max-total-tokens",
-        "10000000",
-        "--format",
-        "json",
-    )
+    args = ["-n", "5000", "-c", "2", "--duration", "300ms", "--max-total-tokens", "10000000"]
+    proc, report = await _json_run(sim, "sim-cache-ok", *args)
     assert proc.returncode == 0, proc.stderr.decode()
-    report = json.loads(proc.stdout)
     assert report["stopped"] == "duration"
     assert 2 <= report["sent"] < 5000
     assert report["sent"] == _model_stats(sim, "sim-cache-ok")["requests"]
@@ -273,26 +259,16 @@ async def test_duration_stops_starting_new_requests(sim: SimulatorHandle) -> Non
 
 async def test_a_refused_key_stops_the_run_without_leaking_it(sim: SimulatorHandle) -> None:
     wrong = SECRET + "-wrong"
-    proc = await _loadtest(
-        "--base-url",
-        sim.base_url,
-        "--model",
-        "sim-cache-ok",
-        "-n",
-        "50",
-        "-c",
-        "2",
-        "--format",
-        "json",
-        key=wrong,
-    )
+    proc, report = await _json_run(sim, "sim-cache-ok", "-n", "50", "-c", "2", key=wrong)
     assert proc.returncode == 3
     assert wrong.encode() not in proc.stdout + proc.stderr
-    report = json.loads(proc.stdout)
     assert report["stopped"] == "auth"
     assert report["verdict"] == "error"
     assert report["errors"] == {"auth": report["sent"]}
     assert report["sent"] <= 2  # one per worker at most, then nothing more is sent
+
+
+TARGET = ["--base-url", "http://127.0.0.1:1", "--model", "m"]
 
 
 @pytest.mark.parametrize(
@@ -300,61 +276,23 @@ async def test_a_refused_key_stops_the_run_without_leaking_it(sim: SimulatorHand
     [
         (["--model", "m", "-n", "1", "-c", "1"], "error: --base-url is required"),
         (["--base-url", "ftp://x", "--model", "m", "-n", "1", "-c", "1"], "error: --base-url: not"),
-        (["--base-url", "http://127.0.0.1:1", "--model", "m", "-n", "0", "-c", "1"], "error: -n: "),
-        (["--base-url", "http://127.0.0.1:1", "--model", "m", "-n", "1", "-c", "0"], "error: -c: "),
+        ([*TARGET, "-n", "0", "-c", "1"], "error: -n: "),
+        ([*TARGET, "-n", "1", "-c", "0"], "error: -c: "),
+        ([*TARGET, "-n", "1", "-c", "1", "--duration", "x"], "error: --duration: "),
+        ([*TARGET, "-n", "1", "-c", "1", "--shared-prefix", "0"], "error: --shared-prefix: "),
         (
-            [
-                "--base-url",
-                "http://127.0.0.1:1",
-                "--model",
-                "m",
-                "-n",
-                "1",
-                "-c",
-                "1",
-                "--duration",
-                "x",
-            ],
-            "error: --duration: ",
-        ),
-        (
-            [
-                "--base-url",
-                "http://127.0.0.1:1",
-                "--model",
-                "m",
-                "-n",
-                "1",
-                "-c",
-                "1",
-                "--shared-prefix",
-                "0",
-            ],
-            "error: --shared-prefix: ",
-        ),
-        (
-            [
-                "--base-url",
-                "http://127.0.0.1:1",
-                "--model",
-                "m",
-                "-n",
-                "1",
-                "-c",
-                "1",
-                "-o",
-                "/nonexistent/r.html",
-            ],
+            [*TARGET, "-n", "1", "-c", "1", "-o", "/nonexistent/r.html"],
             "error: --output: no such directory",
         ),
     ],
 )
 async def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
-    proc = await _loadtest(*args)
-    assert proc.returncode == 2
-    err = proc.stderr.decode().strip()
-    assert err.startswith(message), err
-    assert len(err.splitlines()) == 1
+    out, err = io.StringIO(), io.StringIO()
+    parsed = build_parser().parse_args(["loadtest", *args])
+    assert await loadtest_cli.run(parsed, env=_env(), out=out, err=err) == 2
+    assert err.getvalue().startswith(message), err.getvalue()
+    assert len(err.getvalue().splitlines()) == 1
+    assert out.getvalue() == ""
 
 
 def test_the_daemon_never_loads_the_load_test() -> None:

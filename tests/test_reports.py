@@ -20,8 +20,10 @@ from typing import Any
 import anyio
 import pytest
 
-from exporter import __version__, reports
+from exporter import __version__, history_cli, reports
+from exporter.cli import build_parser
 from exporter.clock import FakeClock
+from exporter.loadtest import cli as loadtest_cli
 from exporter.reports.tabular import HISTORY_COLUMNS, LOAD_COLUMNS, PROBE_COLUMNS
 from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
 from exporter.simulator.config import SimConfig
@@ -294,6 +296,12 @@ async def _history(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+async def _history_in_process(*args: str) -> str:
+    out = io.StringIO()
+    assert await history_cli.run(build_parser().parse_args(["history", *args]), out=out) == 0
+    return out.getvalue()
+
+
 async def test_history_formats_from_a_real_store(
     tmp_path: Path, probe_results: list[ProbeResult]
 ) -> None:
@@ -314,27 +322,30 @@ async def test_history_formats_from_a_real_store(
     assert "sim-cache-ok" in text
     assert "at most 100" in text
     # CSV keeps its columns (plus the trace id); JSON keeps {"runs": [...]}.
-    proc = await _history("--config", str(config))
-    rows = list(csv.DictReader(io.StringIO(proc.stdout.decode())))
+    rows = list(csv.DictReader(io.StringIO(await _history_in_process("--config", str(config)))))
     assert list(rows[0]) == list(HISTORY_COLUMNS)
     assert [r["probe"] for r in rows] == ["basic", "persistence", "basic"][::-1]
-    proc = await _history("--config", str(config), "--format", "json", "--probe", "basic")
-    runs = json.loads(proc.stdout)["runs"]
-    assert [r["model"] for r in runs] == ["sim-cache-broken", "sim-cache-ok"]
-    proc = await _history("--config", str(config), "--format", "text")
-    lines = proc.stdout.decode().splitlines()
+    shown = await _history_in_process(
+        "--config", str(config), "--format", "json", "--probe", "basic"
+    )
+    assert [r["model"] for r in json.loads(shown)["runs"]] == ["sim-cache-broken", "sim-cache-ok"]
+    lines = (await _history_in_process("--config", str(config), "--format", "text")).splitlines()
     assert lines[0].split()[:5] == ["time", "provider", "model", "probe", "verdict"]
     assert len(lines) == 4
 
 
 async def test_load_report_formats_from_a_real_run(tmp_path: Path) -> None:
     async with serve_simulator(SimConfig(latency_scale=0.05)) as sim:
-        paths = {fmt: tmp_path / f"load.{fmt}" for fmt in ("json", "csv", "html")}
+        paths = {fmt: tmp_path / f"load.{fmt}" for fmt in ("json", "csv", "html", "text")}
         for fmt, path in paths.items():
-            command = [sys.executable, "-m", "exporter", "loadtest", "--base-url", sim.base_url]
-            command += ["--model", "sim-cache-ok", "-n", "12", "-c", "3", "--format", fmt]
-            proc = await anyio.run_process([*command, "-o", str(path)], check=False)
-            assert proc.returncode == 0, proc.stderr.decode()
+            args = ["loadtest", "--base-url", sim.base_url, "--model", "sim-cache-ok"]
+            args += ["-n", "12", "-c", "3", "--format", fmt, "-o", str(path)]
+            err = io.StringIO()
+            status = await loadtest_cli.run(
+                build_parser().parse_args(args), env={}, err=err, handle_signals=False
+            )
+            assert status == 0, err.getvalue()
+            assert err.getvalue().endswith(f"report written to {path}\n")
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text(encoding="utf-8"))))
     assert list(rows[0]) == list(LOAD_COLUMNS)
     assert [int(r["index"]) for r in rows] == list(range(1, 13))
@@ -347,6 +358,16 @@ async def test_load_report_formats_from_a_real_run(tmp_path: Path) -> None:
     assert dom.count("rect", "cold") == dom.count("rect", "warm") == 5  # min p50 p95 p99 max
     assert "works" in " ".join(dom.by_id["verdicts"])
     assert dom.count("pre", "replay") == 2  # one cold and one warm request to replay
+    text = paths["text"].read_text(encoding="utf-8")
+    assert "caching under load: works  (warm hit ratio 0.9" in text
+    assert "completed: 12 of 12 requests finished in " in text
+    for title in ("latency (s)", "time to first token (s)", "output tokens/s per request"):
+        assert f"\n{title}\n" in text
+    # The terminal's replays read their bodies from files, one per distinct request.
+    bodies = [line.split("@", 1)[1] for line in text.splitlines() if "--data-binary @" in line]
+    assert len(bodies) == 2
+    for body in bodies:
+        assert json.loads(await anyio.Path(body).read_text(encoding="utf-8"))["stream"] is True
 
 
 async def test_probe_format_options(tmp_path: Path) -> None:

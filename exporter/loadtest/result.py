@@ -185,7 +185,8 @@ class LoadResult:
 
     @property
     def sent(self) -> int:
-        return len(self.requests)
+        """Requests that reached the wire (one the token cap denied never did)."""
+        return sum(1 for r in self.requests if r.attempts)
 
     @property
     def cancelled(self) -> int:
@@ -277,7 +278,7 @@ def judge(requests: Sequence[LoadRequest]) -> hits.HitRule | None:
 
 
 def class_stats(requests: Sequence[LoadRequest], rule: hits.HitRule | None) -> ClassStats:
-    done = [r for r in requests if r.done]
+    done = [r for r in requests if r.done and r.attempts]  # sent, and not cut off
     ok = [r for r in done if r.record.ok and r.record.prompt_tokens is not None]
     records = [r.record for r in ok]
     ratio = None

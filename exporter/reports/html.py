@@ -258,6 +258,17 @@ _VERDICT_HEADERS = (
 )
 
 
+def _verdict_table(results: Sequence[ProbeResult], *, with_time: bool) -> str:
+    headers = ("time", *_VERDICT_HEADERS) if with_time else _VERDICT_HEADERS
+    shift = 1 if with_time else 0  # hit ratio to duration are numbers
+    return "<h2>Verdicts</h2>" + table(
+        headers,
+        _verdict_rows(results, with_time=with_time),
+        element_id="verdicts",
+        numeric=tuple(range(5 + shift, 11 + shift)),
+    )
+
+
 def _run_section(result: ProbeResult, heading: str) -> str:
     return (
         f"<h3>{esc(heading)}</h3>"
@@ -274,13 +285,7 @@ def probe_html(report: ProbeReport) -> str:
     results = report.results
     pairs = [Pair(r.probe, r.ttft.cold_seconds, r.ttft.warm_seconds) for r in results]
     body = [
-        "<h2>Verdicts</h2>",
-        table(
-            _VERDICT_HEADERS,
-            _verdict_rows(results, with_time=False),
-            element_id="verdicts",
-            numeric=(5, 6, 7, 8, 9, 10),
-        ),
+        _verdict_table(results, with_time=False),
         "<h2>Time to first token, cold and warm</h2>",
         ttft_chart(pairs, title="mean time to first token of cold and warm requests per probe"),
         "<h2>Evidence</h2>",
@@ -465,13 +470,7 @@ def history_html(report: HistoryReport) -> str:
     ]
     query = report.query
     body = [
-        "<h2>Verdicts</h2>",
-        table(
-            ("time", *_VERDICT_HEADERS),
-            _verdict_rows(runs, with_time=True),
-            element_id="verdicts",
-            numeric=(6, 7, 8, 9, 10, 11),
-        ),
+        _verdict_table(runs, with_time=True),
         "<h2>Time to first token, cold and warm, per run</h2>",
         ttft_chart(pairs, title="mean time to first token of cold and warm requests per run"),
         "<h2>Evidence</h2>",
