@@ -41,7 +41,7 @@ from exporter.loadtest.result import LoadResult
 from exporter.probe_cli import resolve_key
 from exporter.prompts import PromptFactory, new_run_id
 from exporter.providers import ADAPTERS, adapter_class
-from exporter.providers.base import HttpRequest, ProviderAdapter
+from exporter.providers.base import BadResponse, HttpRequest, ProviderAdapter
 from exporter.results import ModelPrice, RequestRecord
 from exporter.transport import RetryPolicy, Transport, TransportError
 
@@ -124,8 +124,8 @@ async def _published_price(
     try:
         body = await transport.get_json(adapter, adapter.models_request())
         infos = adapter.parse_models(body)
-    except (TransportError, ValueError):
-        return None
+    except (TransportError, BadResponse):
+        return None  # no price: the estimate says "not priced"
     return next((info.price for info in infos if info.id == model), None)
 
 

@@ -125,13 +125,14 @@ class LoadDriver:
     log: AttemptLog
     # Called with every request sent and its evidence (the CLI keeps two for curl replays).
     on_request: Callable[[HttpRequest, RequestRecord], None] | None = None
-    requests: list[LoadRequest] = field(default_factory=list)
-    stopped: str | None = None
-    started_at: float = 0.0
-    _t0: float = 0.0
-    _next: int = 0
-    _warm: bool = False
-    _guard: TokenCap | None = None
+    requests: list[LoadRequest] = field(default_factory=list, init=False)
+    stopped: str | None = field(default=None, init=False)
+    started_at: float = field(default=0.0, init=False)
+    _t0: float | None = field(default=None, init=False)
+    _t1: float | None = field(default=None, init=False)
+    _next: int = field(default=0, init=False)
+    _warm: bool = field(default=False, init=False)
+    _guard: TokenCap | None = field(default=None, init=False)
 
     async def run(self) -> None:
         plan = self.plan
@@ -140,9 +141,12 @@ class LoadDriver:
         self._t0 = self.log.origin = self.clock.monotonic()
         deadline = math.inf if plan.options.duration is None else plan.options.duration
         workers = min(plan.options.concurrency, plan.options.requests)
-        async with anyio.create_task_group() as tg:
-            for _ in range(workers):
-                tg.start_soon(self._worker, deadline)
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(self._worker, self._t0 + deadline)
+        finally:
+            self._t1 = self.clock.monotonic()
         if self.stopped is None:
             self.stopped = "completed"
 
@@ -158,15 +162,20 @@ class LoadDriver:
             estimate=self.plan.estimate,
             prefix_tokens=self.plan.prefix_tokens,
             started_at=self.started_at,
-            duration_seconds=self.clock.monotonic() - self._t0 if self._t0 else 0.0,
+            duration_seconds=self._elapsed(),
             stopped=self.stopped or "interrupted",
             requests=self.requests,
         )
 
+    def _elapsed(self) -> float:
+        if self._t0 is None:
+            return 0.0
+        return (self.clock.monotonic() if self._t1 is None else self._t1) - self._t0
+
     async def _worker(self, deadline: float) -> None:
         total = self.plan.options.requests
         while self.stopped is None and self._next < total:
-            if self.clock.monotonic() - self._t0 >= deadline:
+            if self.clock.monotonic() >= deadline:
                 self.stopped = "duration"
                 return
             index = self._next
