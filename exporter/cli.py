@@ -75,8 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     from exporter import history_cli
 
-    history = sub.add_parser("history", help="export recorded probe runs as CSV or JSON")
+    history = sub.add_parser(
+        "history", help="export recorded probe runs as CSV, JSON, text or an HTML report"
+    )
     history_cli.add_arguments(history)
+
+    from exporter.loadtest import cli as loadtest_cli
+
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="bounded load against one model: does caching hold under load?",
+        description="Send -n requests at concurrency -c, each with the run's shared prefix and "
+        "its own suffix, and report latency and time to first token cold vs warm, the hit "
+        "ratio under load, statuses, errors and 429s. The estimated cost is printed first, "
+        "and a run over --max-total-tokens is refused before anything is sent. The key is "
+        "read as for probe.",
+    )
+    loadtest_cli.add_arguments(loadtest)
     return parser
 
 
@@ -123,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.err
             from exporter import history_cli
 
             return anyio.run(history_cli.run, args)
+        if args.command == "loadtest":
+            from exporter.loadtest import cli as loadtest_cli
+
+            return anyio.run(loadtest_cli.run, args)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")  # exits with status 2

@@ -14,20 +14,21 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import io
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import httpx
 from pydantic import ValidationError
 
+from exporter import reports
 from exporter.assembly import build_adapter, retry_policy
 from exporter.clock import SystemClock
 from exporter.config import HttpConfig, ProbesConfig, ProviderConfig, format_validation_error
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[*PROBE_NAMES, "all"],
         help="which probe to run (default: basic)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
+    reports.add_format_arguments(parser, default=None)
     parser.add_argument("--no-stream", action="store_true", help="do not use streaming")
     parser.add_argument(
         "--ttl-delays",
@@ -98,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the prompt filler")
     parser.add_argument(
         "--evidence-dir",
-        help="where request bodies for the curl commands go (default: a new temp dir; "
-        "with --json none are written unless this is given)",
+        help="where request bodies for the curl commands go (default: a new temp dir for "
+        "the text report; other formats write none unless this is given)",
     )
 
 
@@ -111,8 +113,10 @@ class _Evidence:
     key_var: str | None
     commands: list[tuple[str, str]] = field(default_factory=list)  # (label, command)
     _files: dict[str, Path] = field(default_factory=dict)
+    sent: list[tuple[str, HttpRequest]] = field(default_factory=list)  # for the HTML report
 
     def add(self, probe: str, request: HttpRequest, record: RequestRecord) -> None:
+        self.sent.append((f"{probe}: {record.label}", request))
         if self.directory is None:
             return
         body = json.dumps(request.json, indent=1, ensure_ascii=False)
@@ -126,18 +130,7 @@ class _Evidence:
         self.commands.append((f"{probe}: {record.label}", self._curl(request, path)))
 
     def _curl(self, request: HttpRequest, path: Path) -> str:
-        first = "curl -sS" + (" -N" if request.json and request.json.get("stream") else "")
-        lines = [f"{first} -X {request.method} {shlex.quote(request.url)}"]
-        for name, value in request.headers.items():
-            if name.lower() in request.secret_headers:
-                # The key is never printed: the shell expands it from the environment.
-                var = f"${self.key_var}" if self.key_var else "$API_KEY"
-                shown = re.sub(r"\S+$", var, value)
-                lines.append(f'-H "{name}: {shown}"')
-            else:
-                lines.append(f"-H {shlex.quote(f'{name}: {value}')}")
-        lines.append(f"--data-binary @{shlex.quote(str(path))}")
-        return " \\\n  ".join(lines)
+        return reports.curl_command(request, self.key_var, body_file=path)
 
 
 def resolve_key(
@@ -260,6 +253,8 @@ async def run(
     err = err or sys.stderr
     try:
         plan = _plan(args, env)
+        fmt = _format(args)
+        output = reports.check_output(args.output)
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
@@ -267,7 +262,7 @@ async def run(
     if args.evidence_dir:
         evidence_dir = Path(args.evidence_dir)
         evidence_dir.mkdir(parents=True, exist_ok=True)
-    elif not args.json:
+    elif fmt == "text":
         evidence_dir = Path(tempfile.mkdtemp(prefix="pce-probe-"))
     evidence = _Evidence(evidence_dir, plan.key_var)
     clock = SystemClock()
@@ -287,19 +282,32 @@ async def run(
             )
             results.append(await run_probe(name, ctx, deadline=plan.deadline))
     status = exit_status(results)
-    if args.json:
-        payload: dict[str, Any] = {
-            "provider_type": args.provider_type,
-            "base_url": plan.adapter.base_url,
-            "model": args.model,
-            "exit_status": status,
-            "evidence_dir": str(evidence_dir) if evidence_dir else None,
-            "probes": [r.to_dict() for r in results],
-        }
-        print(json.dumps(payload, indent=2), file=out)
+    if fmt == "text":
+        buffer = io.StringIO()
+        _print_report(buffer, plan.adapter, args.model, results, evidence)
+        text = buffer.getvalue()
     else:
-        _print_report(out, plan.adapter, args.model, results, evidence)
+        report = reports.ProbeReport(
+            info=reports.ReportInfo(generated_at=clock.time()),
+            provider_type=args.provider_type,
+            base_url=plan.adapter.base_url,
+            model=args.model,
+            exit_status=status,
+            results=results,
+            replays=reports.inline_replays(evidence.sent, plan.key_var),
+            evidence_dir=str(evidence_dir) if evidence_dir else None,
+            key_var=plan.key_var,
+        )
+        text = reports.render_probe(fmt, report)
+    reports.write_report(text, output, out, err)
     return status
+
+
+def _format(args: argparse.Namespace) -> str:
+    """--json is an alias of --format json; text is the default."""
+    if args.json and args.format not in (None, "json"):
+        raise UsageError(f"--json and --format {args.format} disagree (--json is --format json)")
+    return "json" if args.json else (args.format or "text")
 
 
 def _fmt_tokens(value: int | None) -> str:
