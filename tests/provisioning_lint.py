@@ -29,8 +29,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+LINKS_RULES = PROMETHEUS_DIR / "rules" / "links.yml"
 RECORDING_RULES = PROMETHEUS_DIR / "rules" / "recording.yml"
 ALERTING_RULES = PROMETHEUS_DIR / "rules" / "alerts.yml"
+# Every rule file Prometheus loads, in the order of prometheus.yml.
+RULE_FILES = (LINKS_RULES, RECORDING_RULES, ALERTING_RULES)
 RULE_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_CONFIG = PROMETHEUS_DIR / "alertmanager.yml"
 DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
@@ -41,9 +44,17 @@ RUNBOOK = REPO / "docs" / "runbook.md"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_EXPORTER_CONFIG = REPO / "examples" / "compose.toml"
 
-RUNBOOK_URL_BASE = (
-    "https://github.com/prompt-cache-exporter/prompt-cache-exporter/blob/main/docs/runbook.md"
-)
+# The series of links.yml that carries the link bases, and how annotations read them.
+LINKS_SERIES = "llmcache:links:info"
+
+
+def link_base(label: str) -> str:
+    """The annotation template that expands to one link base of links.yml."""
+    return f'{{{{ with query "{LINKS_SERIES}" }}}}{{{{ . | first | label "{label}" }}}}{{{{ end }}}}'
+
+
+RUNBOOK_LINK = link_base("runbook_url")
+GRAFANA_LINK = link_base("grafana_url")
 PROMETHEUS_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 JSON_API_DATASOURCE_UID = "pce-exporter-api"
 
@@ -80,6 +91,9 @@ EXTERNAL_METRIC_PATTERNS = (
     re.compile(r"^scrape_[a-z_]+$"),
     re.compile(r"^process_[a-z_]+$"),
     re.compile(r"^python_[a-z_]+$"),
+    # Prometheus' and Alertmanager's own metrics, for the alerting-pipeline alerts.
+    re.compile(r"^prometheus_[a-z_]+$"),
+    re.compile(r"^alertmanager_[a-z_]+$"),
 )
 TARGET_LABELS = frozenset({"job", "instance"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -482,7 +496,13 @@ def rule_groups(path: Path) -> list[dict[str, Any]]:
 
 
 def recording_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(RECORDING_RULES) for rule in group["rules"]]
+    """The recording rules of links.yml and recording.yml."""
+    return [
+        rule
+        for path in (LINKS_RULES, RECORDING_RULES)
+        for group in rule_groups(path)
+        for rule in group["rules"]
+    ]
 
 
 def alerting_rules() -> list[dict[str, Any]]:
@@ -514,10 +534,11 @@ def recording_rule_labels() -> dict[str, frozenset[str]]:
             if "histogram_quantile" in expr:
                 labels.discard("le")
         else:
-            first = _metric_identifiers(expr)[0]
-            known = out.get(first)
+            names = _metric_identifiers(expr)
+            # A constant (`vector(1)`, the links series) carries its static labels only.
+            known = out.get(names[0]) if names else frozenset()
             if known is None:
-                doc = _documented_base(first)
+                doc = _documented_base(names[0])
                 known = (doc.labels | TARGET_LABELS) if doc else frozenset()
             labels = set(known)
         out[rule["record"]] = frozenset(labels | set(rule.get("labels", {})))

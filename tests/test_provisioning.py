@@ -91,9 +91,7 @@ def test_prometheus_config_is_valid() -> None:
 
 
 def test_rule_files_are_valid() -> None:
-    assert_ok(
-        run(require("promtool"), "check", "rules", str(pl.RECORDING_RULES), str(pl.ALERTING_RULES))
-    )
+    assert_ok(run(require("promtool"), "check", "rules", *(str(p) for p in pl.RULE_FILES)))
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -111,6 +109,8 @@ def test_alertmanager_config_is_valid() -> None:
     [
         ({"alertname": "LLMCacheCachingBroken", "severity": "critical"}, "critical"),
         ({"alertname": "LLMCacheBalanceLow", "severity": "warning"}, "warning"),
+        ({"alertname": "LLMCacheCachingNeverWorked", "severity": "warning"}, "warning"),
+        ({"alertname": "LLMCacheProbeErrorBudgetBurn", "severity": "warning"}, "warning"),
         ({"alertname": "LLMCacheCachePollution", "severity": "info"}, "null"),
         ({"alertname": "Watchdog", "severity": "none"}, "heartbeat"),
         # Without a severity an alert still reaches a human.
@@ -274,12 +274,12 @@ INHIBITION_SCENARIOS = {
             )
         ],
     ),
-    "critical-burn-rate-over-warning": (
+    "fast-burn-over-slow-burn": (
         [
             _alert(
                 "LLMCacheWarmHitRateBudgetBurn",
                 "j2",
-                "critical",
+                "warning",
                 provider="venice",
                 model="m",
                 long="1h",
@@ -293,11 +293,13 @@ INHIBITION_SCENARIOS = {
                 "warning",
                 provider="venice",
                 model="m",
-                long="1d",
-                short="2h",
+                long=long,
+                short=short,
             )
+            for long, short in (("1d", "2h"), ("3d", "6h"))
         ],
         [
+            # Another model, and another fast pair, are not redundant.
             _alert(
                 "LLMCacheWarmHitRateBudgetBurn",
                 "j2",
@@ -306,7 +308,16 @@ INHIBITION_SCENARIOS = {
                 model="m2",
                 long="1d",
                 short="2h",
-            )
+            ),
+            _alert(
+                "LLMCacheWarmHitRateBudgetBurn",
+                "j2",
+                "warning",
+                provider="venice",
+                model="m",
+                long="6h",
+                short="30m",
+            ),
         ],
     ),
     "caching-broken-over-hit-ratio": (
@@ -334,10 +345,52 @@ INHIBITION_SCENARIOS = {
         ],
         [_alert("LLMCacheHitRatioDropped", "j3", "warning", provider="venice", model="m2")],
     ),
-    "cooldown-over-repeated-failures": (
+    "cooldown-over-everything-else-about-a-failing-model": (
         [_alert("LLMCacheModelCooldown", "j4", "warning", provider="venice", model="m")],
-        [_alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m")],
-        [_alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m2")],
+        [
+            _alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m"),
+            _alert("LLMCacheRequestErrorsHigh", "j4", "warning", provider="venice", model="m"),
+            _alert(
+                "LLMCacheProbeErrorBudgetBurn",
+                "j4",
+                "warning",
+                provider="venice",
+                model="m",
+                long="1h",
+                short="5m",
+            ),
+            _alert(
+                "LLMCacheProbesStale", "j4", "warning", provider="venice", model="m", probe="ttl"
+            ),
+        ],
+        [
+            _alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m2"),
+            # A broken cache is not explained by failures.
+            _alert(
+                "LLMCacheCachingBroken",
+                "j4",
+                "critical",
+                provider="venice",
+                model="m",
+                probe="basic",
+            ),
+        ],
+    ),
+    "repeated-failures-over-error-ratios": (
+        [_alert("LLMCacheProbeFailuresRepeated", "j7", "warning", provider="venice", model="m")],
+        [
+            _alert("LLMCacheRequestErrorsHigh", "j7", "warning", provider="venice", model="m"),
+            _alert(
+                "LLMCacheProbeErrorBudgetBurn",
+                "j7",
+                "warning",
+                provider="venice",
+                model="m",
+                long="6h",
+                short="30m",
+            ),
+        ],
+        [_alert("LLMCacheRequestErrorsHigh", "j7", "warning", provider="venice", model="m2")],
     ),
     "budget-exhausted-over-nearly-and-pause": (
         [_alert("LLMCacheBudgetExhausted", "j5", "warning", provider="venice")],
@@ -536,7 +589,7 @@ def test_prometheus_scrapes_the_exporter_and_alerts_to_alertmanager() -> None:
         for t in sc["targets"]
     ]
     assert am == ["alertmanager:9093"]
-    assert config["rule_files"] == ["rules/recording.yml", "rules/alerts.yml"]
+    assert config["rule_files"] == ["rules/links.yml", "rules/recording.yml", "rules/alerts.yml"]
     # The exporter-down alert selects the job by this name.
     down = next(r for r in pl.alerting_rules() if r["alert"] == "LLMCacheExporterDown")
     assert 'up{job="prompt-cache-exporter"}' in down["expr"]
@@ -579,7 +632,8 @@ def test_alerts_follow_mixin_conventions() -> None:
         annotations = rule["annotations"]
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key, "").strip(), f"{name}: no {key}"
-        assert annotations["runbook_url"] == f"{pl.RUNBOOK_URL_BASE}#{name.lower()}", name
+        # Link bases come from links.yml, the one setting (docs/runbook.md).
+        assert annotations["runbook_url"] == f"{pl.RUNBOOK_LINK}#{name.lower()}", name
         if name not in ALWAYS_FIRING:
             assert "{{" in annotations["description"], f"{name}: description is not templated"
             assert "dashboard_url" in annotations, f"{name}: no dashboard_url"
@@ -596,9 +650,42 @@ def test_dashboard_urls_point_at_existing_dashboards() -> None:
     for rule in pl.alerting_rules():
         url = rule["annotations"].get("dashboard_url")
         if url:
-            m = re.match(r"http://localhost:3000/d/([\w-]+)", url)
-            assert m, f"{rule['alert']}: {url} is not a Grafana dashboard URL"
+            m = re.match(re.escape(pl.GRAFANA_LINK) + r"/d/([\w-]+)", url)
+            assert m, f"{rule['alert']}: {url} does not start with the Grafana base of links.yml"
             assert m.group(1) in uids, f"{rule['alert']}: {url}"
+            # Variables in the link are URL-encoded (model ids contain `/`, `:`).
+            for value in re.findall(r"var-\w+=([^&]*)", url):
+                assert "| urlquery" in value, f"{rule['alert']}: {value} is not URL-encoded"
+
+
+def test_the_links_setting_is_one_series_with_every_base() -> None:
+    (links,) = pl.recording_rules()[:1]
+    assert links["record"] == pl.LINKS_SERIES
+    assert links["expr"].strip() == "vector(1)"
+    assert set(links["labels"]) == {"grafana_url", "runbook_url", "exporter_url"}
+    for label, url in links["labels"].items():
+        assert re.fullmatch(r"https?://[^\s/]+(/\S*)?", url), (label, url)
+        assert not url.endswith("/"), f"{label}: no trailing slash (paths are appended)"
+
+
+def test_pages_are_only_for_what_needs_acting_on_now() -> None:
+    # Critical means "wake someone": the exporter is down, or caching broke on a model
+    # that used to cache. Everything else is a ticket (warning) or context (info).
+    critical = {r["alert"] for r in pl.alerting_rules() if r["labels"]["severity"] == "critical"}
+    assert critical == {"LLMCacheExporterDown", "LLMCacheCachingBroken"}
+
+
+def test_rule_test_files_order_every_group_they_load() -> None:
+    # promtool evaluates the groups of a test in the listed order; a group left out
+    # would be evaluated in an arbitrary place and could see stale recorded values.
+    for path in sorted(pl.RULE_TESTS_DIR.glob("*.yml")):
+        spec = pl.load_yaml(path)
+        loaded = [
+            group["name"]
+            for rule_file in spec["rule_files"]
+            for group in pl.rule_groups(path.parent / rule_file)
+        ]
+        assert spec["group_eval_order"] == loaded, path.name
 
 
 def test_every_runbook_url_has_a_runbook_section() -> None:
