@@ -50,7 +50,8 @@ LINKS_SERIES = "llmcache:links:info"
 
 def link_base(label: str) -> str:
     """The annotation template that expands to one link base of links.yml."""
-    return f'{{{{ with query "{LINKS_SERIES}" }}}}{{{{ . | first | label "{label}" }}}}{{{{ end }}}}'
+    first = f'{{{{ . | first | label "{label}" }}}}'
+    return f'{{{{ with query "{LINKS_SERIES}" }}}}{first}{{{{ end }}}}'
 
 
 RUNBOOK_LINK = link_base("runbook_url")
