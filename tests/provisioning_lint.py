@@ -84,6 +84,10 @@ DASHBOARD_RANGE_WINDOWS = frozenset(
     {"$__rate_interval", "${__rate_interval}", "$__range", "${__range}"}
 )
 
+# What "All" stands for where a variable has no custom All value (Grafana then joins
+# the values it found): the exporter job of docker-compose.yml.
+ALL_VALUES = {"job": "prompt-cache-exporter"}
+
 # Series that are not in docs/metrics.md but may be used: Prometheus' own, and
 # the process/platform collectors of prometheus-client.
 EXTERNAL_METRIC_PATTERNS = (
@@ -300,12 +304,17 @@ def variable_values(
 ) -> dict[str, str]:
     """Values for every variable of a dashboard, as Grafana would substitute them.
 
-    A variable left as None becomes `.*` when the dashboard's variable has an
-    "All" option (allValue `.*`), and raises ValueError otherwise (single-valued
-    variables, such as provider and model on the Model detail dashboard, need a
-    real value).
+    A variable left as None becomes its "All" value when the dashboard's variable has
+    an All option: `allValue` (`.*` for provider and model), or, without one, the
+    values Grafana would find, which for `job` is the compose job
+    (`prompt-cache-exporter`). Text boxes and custom variables take their current
+    value; the link variables (`label_values(llmcache:links:info, ...)`) the value of
+    links.yml. Any other variable left as None raises ValueError (single-valued
+    variables, such as provider and model on the Model detail dashboard, need a real
+    value).
     """
     chosen = {"provider": provider, "model": model, "job": job}
+    links = link_bases()
     values = {
         "datasource": "prometheus",
         "__rate_interval": rate_interval,
@@ -319,12 +328,20 @@ def variable_values(
         if name == "datasource":
             continue
         value = chosen.get(name)
+        if value is None and var.get("type") in ("textbox", "custom", "constant"):
+            value = str(var.get("current", {}).get("value") or var.get("query", ""))
+        if value is None:
+            m = re.fullmatch(
+                rf"label_values\({re.escape(LINKS_SERIES)},\s*(\w+)\)", str(var.get("query"))
+            )
+            if m:
+                value = links[m.group(1)]
         if value is None:
             if not var.get("includeAll"):
                 raise ValueError(
                     f"{dashboard['uid']}: variable ${name} has no All option; pass a value"
                 )
-            value = var.get("allValue") or ".*"
+            value = var.get("allValue") or ALL_VALUES.get(name, ".*")
         values[name] = value
     return values
 
@@ -494,6 +511,14 @@ def series_labels(name: str) -> frozenset[str] | None:
 
 def rule_groups(path: Path) -> list[dict[str, Any]]:
     return list(load_yaml(path)["groups"])
+
+
+def link_bases() -> dict[str, str]:
+    """The labels of the links series in links.yml: grafana_url, runbook_url, exporter_url."""
+    (rule,) = [
+        r for g in rule_groups(LINKS_RULES) for r in g["rules"] if r["record"] == LINKS_SERIES
+    ]
+    return dict(rule["labels"])
 
 
 def recording_rules() -> list[dict[str, Any]]:

@@ -56,6 +56,8 @@ SEVERITIES = {"critical", "warning", "info", "none"}
 ALWAYS_FIRING = {"Watchdog"}
 # Panel types that show no values of their own and so need no unit.
 UNITLESS_PANEL_TYPES = {"row", "text", "dashlist", "alertlist", "news"}
+# Panel types that show static content and run no query.
+QUERYLESS_PANEL_TYPES = {"text"}
 
 
 def require(*names: str) -> str:
@@ -494,10 +496,19 @@ def test_compose_images_are_pinned(compose_config: dict[str, Any]) -> None:
         assert re.search(r":v?\d+\.\d+\.\d+[\w.-]*$", image), (
             f"{name}: image {image} is not pinned to a version"
         )
-    env = compose_config["services"]["grafana"]["environment"]
-    assert re.fullmatch(
-        r"yesoreyeram-infinity-datasource@\d+\.\d+\.\d+", env["GF_PLUGINS_PREINSTALL_SYNC"]
-    )
+
+
+def test_grafana_starts_without_internet_access(compose_config: dict[str, Any]) -> None:
+    # A synchronous plugin install that cannot reach grafana.com stops Grafana; an
+    # asynchronous one (or the background updater) fails or replaces bundled plugins.
+    grafana = compose_config["services"]["grafana"]
+    env = grafana["environment"]
+    downloads = {"GF_INSTALL_PLUGINS", "GF_PLUGINS_PREINSTALL", "GF_PLUGINS_PREINSTALL_SYNC"}
+    assert not downloads & set(env), sorted(downloads & set(env))
+    assert env["GF_PLUGINS_PREINSTALL_DISABLED"] == "true"
+    assert env["GF_PLUGINS_PUBLIC_KEY_RETRIEVAL_DISABLED"] == "true"
+    # Plugins come from files in grafana/plugins/ (docs/dashboards.md).
+    assert Path(_binds(grafana)["/var/lib/grafana/plugins"]) == pl.REPO / "grafana" / "plugins"
 
 
 def _binds(service: dict[str, Any]) -> dict[str, str]:
@@ -561,6 +572,9 @@ def test_compose_exporter_config() -> None:
     assert config["storage"]["path"].startswith("/var/lib/prompt-cache-exporter/")
     (provider,) = config["providers"]
     assert provider["base_url"] == "http://simulator:8089/v1"
+    # The simulator speaks Venice's dialect: only the venice type reads its balance
+    # headers and published prices, which the balance and price panels need.
+    assert provider["type"] == "venice"
     assert provider["include"] == ["sim-*"]
     assert set(config["probes"]) == {"basic", "prompt_sizes", "partial", "persistence", "ttl"}
 
@@ -809,6 +823,11 @@ def test_dashboard_variables(dashboard: dict[str, Any]) -> None:
         if var.get("includeAll"):
             assert var["allValue"] == ".*"
             assert var["multi"] is True
+    if "job" in variables:
+        # No custom All value: All is then the jobs the query found (the exporter's),
+        # not `.*`, which would match the Prometheus and Alertmanager targets as well.
+        assert variables["job"].get("allValue") is None
+        assert "llmcache_" in variables["job"]["query"]
     assert "provider" in variables
     if dashboard["uid"] != "pce-exporter-health":
         assert "model" in variables
@@ -829,6 +848,9 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
         if panel["type"] not in UNITLESS_PANEL_TYPES:
             unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
             assert unit, f"{where} ({panel['title']}): no unit"
+        if panel["type"] in QUERYLESS_PANEL_TYPES:
+            assert not panel.get("targets"), f"{where}: a {panel['type']} panel runs no query"
+            continue
         ds = panel.get("datasource")
         assert ds == pl.PROMETHEUS_DATASOURCE or ds.get("uid") == pl.JSON_API_DATASOURCE_UID, (
             f"{where} ({panel['title']}): data source {ds} is neither "
@@ -839,6 +861,21 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
             assert target.get("datasource", ds) == ds, (
                 f"{where}: target data source differs from the panel's"
             )
+
+
+def test_dashboard_links_percent_encode_what_they_carry(dashboard: dict[str, Any]) -> None:
+    # Model ids contain `/` and `:` (org/model, model:tag): a raw value breaks the link.
+    urls = re.findall(r'"url": "([^"]*)"', json.dumps(dashboard))
+    assert urls or dashboard["uid"] == "pce-exporter-health"
+    for url in urls:
+        for ref in re.findall(r"\$\{([^}]+)\}", url):
+            name = ref.split(":")[0]
+            if name.startswith("__data.fields.") or name in {"provider", "model"}:
+                assert ref.endswith(":percentencode"), f"{dashboard['title']}: {url}"
+
+
+def test_dashboards_are_read_only(dashboard: dict[str, Any]) -> None:
+    assert dashboard["editable"] is False
 
 
 def test_dashboard_layout(dashboard: dict[str, Any]) -> None:
