@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from exporter.pricing import resolve_price
-from exporter.results import ModelPrice, ProbeResult, RequestRecord, Verdict
+from exporter.results import ModelPrice, ProbeResult, Verdict
 from exporter.state import State
-from tests.test_metrics import NOW, get, samples
+from tests.test_metrics import NOW, get, record, samples
 
 PRICE = "llmcache_price_usd_per_million_tokens"
 
@@ -67,17 +67,8 @@ def test_caching_not_offered_reads_as_no_discount() -> None:
 
 def test_gauges_price_tokens_exactly_as_the_spend_and_savings_counters() -> None:
     state = priced_state()
-    repeat = RequestRecord(
-        label="repeat",
-        cold=False,
-        attempts=1,
-        status=200,
-        latency_seconds=0.2,
-        ttft_seconds=0.1,
-        completion_tokens=7,
-    )
-    repeat.prompt_tokens, repeat.cached_tokens, repeat.cache_write_tokens = 2000, 1536, 256
-    repeat.hit = True
+    repeat = record("repeat", cold=False, prompt=2000, cached=1536)
+    repeat.cache_write_tokens = 256
     state.observe_result(
         ProbeResult(
             probe="basic",
@@ -104,7 +95,7 @@ def test_gauges_price_tokens_exactly_as_the_spend_and_savings_counters() -> None
         uncached * rate("input")
         + 1536 * rate("cache_read")
         + 256 * rate("cache_write")
-        + 7 * rate("output")
+        + 5 * rate("output")
     ) / 1e6
     savings = 1536 * (rate("input") - rate("cache_read")) / 1e6
     assert get(s, "llmcache_spend_usd_total", provider="p", model="published") == pytest.approx(
