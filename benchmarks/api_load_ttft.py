@@ -178,9 +178,11 @@ def main(samples: int, timeout: float) -> None:
         f"{answered / elapsed:.1f} answers/s"
     )
     excess_quiet, excess_loaded = quiet - quiet_floor, loaded - loaded_floor
+    # The direct figure is the floor: on a 2-core machine the simulator and this script slow
+    # down under the load too. What must not grow is the exporter's share above it.
     print(
-        f"exporter's own share of TTFT: {excess_quiet * 1000:.1f} ms quiet, "
-        f"{excess_loaded * 1000:.1f} ms loaded (target: loaded TTFT <= 1.2 x quiet)"
+        f"exporter's own share (its TTFT less the direct one): {excess_quiet * 1000:.1f} ms "
+        f"quiet, {excess_loaded * 1000:.1f} ms loaded (before the fix: 5.2 and 214.9 ms)"
     )
 
 
