@@ -419,29 +419,6 @@ async def test_latest_results_gives_the_newest_run_per_target(db_path: Path) -> 
     assert sorted(r.run_id for r in latest) == ["new", "other", "ttl"]
 
 
-@pytest.mark.anyio
-async def test_reliability_inputs_cover_the_window_only(db_path: Path) -> None:
-    async with await Store.open(db_path, clock=FakeClock(START)) as store:
-        await store.record_run(run("before", finished_at=START - DAY - 1))
-        await store.record_run(
-            run("edge", finished_at=START - DAY, verdict=Verdict.BROKEN, hit_ratio=0.0)
-        )
-        await store.record_run(
-            run("in", finished_at=START - 10, verdict=Verdict.ERROR, hit_ratio=None)
-        )
-        await store.record_run(run("later", finished_at=START - 5, hit_ratio=0.75))
-        await store.record_run(run("other", model="m2", finished_at=START - 1))
-        inputs = await store.reliability_inputs(since=START - DAY)
-    assert inputs == {
-        ("venice", "llama-3.3-70b"): [
-            (Verdict.BROKEN, 0.0),
-            (Verdict.ERROR, None),
-            (Verdict.WORKS, 0.75),
-        ],
-        ("venice", "m2"): [(Verdict.WORKS, 0.9)],
-    }
-
-
 # --- balances and model state ----------------------------------------------------------
 
 
@@ -796,7 +773,7 @@ async def test_directory_gone_then_back(tmp_path: Path, errors: Errors) -> None:
         assert await store.latest_results() == []
         assert await store.latest_balances() == {}
         assert await store.load_model_states() == {}
-        assert await store.reliability_inputs(since=0) == {}
+        assert await store.reliability_stats(since=0) == {}
         assert await budget.reserve("venice", 1, 0.0) is None
         assert await store.cleanup(older_than=START) == 0
         assert (await store.integrity_check()).startswith("unavailable: ")

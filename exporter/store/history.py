@@ -22,7 +22,7 @@ import anyio.to_thread
 
 from exporter.clock import Clock
 from exporter.reliability import ReliabilityStats
-from exporter.results import ProbeResult, Verdict
+from exporter.results import ProbeResult
 from exporter.store.engine import DEFAULT_BUSY_TIMEOUT as _BUSY
 from exporter.store.engine import DEFAULT_MAX_PENDING as _PENDING
 from exporter.store.engine import (
@@ -101,9 +101,9 @@ class ProbeStore(Protocol):
         probe: str | None = None, limit: int = 50, since: float | None = None,
     ) -> list[ProbeResult]: ...  # fmt: skip
     async def latest_results(self) -> list[ProbeResult]: ...
-    async def reliability_inputs(
-        self, *, since: float
-    ) -> dict[tuple[str, str], list[tuple[Verdict, float | None]]]: ...
+    async def reliability_stats(
+        self, *, since: float, provider: str | None = None, model: str | None = None
+    ) -> dict[tuple[str, str], ReliabilityStats]: ...
     async def save_balance(self, provider: str, currency: str, amount: float) -> None: ...
     async def latest_balances(self) -> dict[tuple[str, str], tuple[float, float]]: ...
     async def save_model_state(
@@ -258,19 +258,6 @@ class Store(Ledger):
     async def latest_results(self) -> list[ProbeResult]:
         """The latest run of every (provider, model, probe), to restore state at start."""
         return await anyio.to_thread.run_sync(_decode, await self._fetch("restore", _LATEST_RUNS))
-
-    async def reliability_inputs(
-        self, *, since: float
-    ) -> dict[tuple[str, str], list[tuple[Verdict, float | None]]]:
-        """Per (provider, model): (verdict, hit_ratio) of each run finished at or after
-        ``since``, oldest first (verdicts a newer exporter wrote are not ours to score)."""
-        out: dict[tuple[str, str], list[tuple[Verdict, float | None]]] = {}
-        for provider, model, verdict, ratio in await self._fetch("read",
-                "SELECT provider, model, verdict, hit_ratio FROM probe_runs "
-                "WHERE finished_at >= ? ORDER BY finished_at, id", [float(since)]):  # fmt: skip
-            if verdict in Verdict._value2member_map_:
-                out.setdefault((provider, model), []).append((Verdict(verdict), ratio))
-        return out
 
     async def reliability_stats(
         self, *, since: float, provider: str | None = None, model: str | None = None
