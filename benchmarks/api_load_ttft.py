@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.exporter_load import sim_models
+from benchmarks.exporter_load import provider, sim_models
 from exporter.clock import SystemClock
 from exporter.results import ProbeResult, RequestRecord, Verdict
 from exporter.store import Store
@@ -30,19 +30,6 @@ from tests.simulator_process import simulator
 CLIENTS = 4
 HISTORY = 1000
 LATENCY = 0.03
-
-
-def provider(base_url: str) -> str:
-    return f"""
-[[providers]]
-name = "bench"
-type = "openai"
-base_url = "{base_url}"
-api_key_env = "BENCH_KEY"
-include = ["m*"]
-isolation_delay = "0s"
-max_tokens = 1
-"""
 
 
 async def fill_history(db: Path) -> None:
@@ -148,7 +135,7 @@ def main(samples: int, timeout: float) -> None:
                 config_text(
                     sim_url=sim.base_url,
                     db_path=db,
-                    providers=provider(sim.base_url),
+                    providers=provider(sim.base_url, 1),
                     probes=probes_toml(basic="1s/900ms"),
                 )
             )
