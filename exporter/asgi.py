@@ -63,8 +63,11 @@ async def serve_asgi(
     ssl_context: ssl.SSLContext | None = None,
     access_log: bool = False,
     graceful_timeout: float = 5.0,
+    date_header: bool = True,
 ) -> AsyncIterator[BoundAddress]:
-    """Serve ``app`` until the context exits; yields the address actually bound."""
+    """Serve ``app`` until the context exits; yields the address actually bound.
+
+    ``date_header=False`` leaves the Date header to the app (a proxy passes the upstream's)."""
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -75,6 +78,7 @@ async def serve_asgi(
         timeout_graceful_shutdown=int(graceful_timeout) or 1,
         # Our handlers set their own headers; the Server header advertises nothing useful.
         server_header=False,
+        date_header=date_header,
     )
     if ssl_context is not None:
         # uvicorn builds its own context from file names; we supply ours directly.
