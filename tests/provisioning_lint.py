@@ -31,6 +31,8 @@ PROMETHEUS_DIR = REPO / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RECORDING_RULES = PROMETHEUS_DIR / "rules" / "recording.yml"
 ALERTING_RULES = PROMETHEUS_DIR / "rules" / "alerts.yml"
+# Recording rules and alerts on proxied traffic, in one file (docs/proxy.md).
+TRAFFIC_RULES = PROMETHEUS_DIR / "rules" / "traffic.yml"
 RULE_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_CONFIG = PROMETHEUS_DIR / "alertmanager.yml"
 DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
@@ -482,11 +484,23 @@ def rule_groups(path: Path) -> list[dict[str, Any]]:
 
 
 def recording_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(RECORDING_RULES) for rule in group["rules"]]
+    return [
+        rule
+        for path in (RECORDING_RULES, TRAFFIC_RULES)
+        for group in rule_groups(path)
+        for rule in group["rules"]
+        if "record" in rule
+    ]
 
 
 def alerting_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(ALERTING_RULES) for rule in group["rules"]]
+    return [
+        rule
+        for path in (ALERTING_RULES, TRAFFIC_RULES)
+        for group in rule_groups(path)
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
 
 
 def rule_exprs() -> list[tuple[str, str]]:

@@ -92,7 +92,14 @@ def test_prometheus_config_is_valid() -> None:
 
 def test_rule_files_are_valid() -> None:
     assert_ok(
-        run(require("promtool"), "check", "rules", str(pl.RECORDING_RULES), str(pl.ALERTING_RULES))
+        run(
+            require("promtool"),
+            "check",
+            "rules",
+            str(pl.RECORDING_RULES),
+            str(pl.ALERTING_RULES),
+            str(pl.TRAFFIC_RULES),
+        )
     )
 
 
@@ -536,7 +543,11 @@ def test_prometheus_scrapes_the_exporter_and_alerts_to_alertmanager() -> None:
         for t in sc["targets"]
     ]
     assert am == ["alertmanager:9093"]
-    assert config["rule_files"] == ["rules/recording.yml", "rules/alerts.yml"]
+    assert config["rule_files"] == [
+        "rules/recording.yml",
+        "rules/alerts.yml",
+        "rules/traffic.yml",
+    ]
     # The exporter-down alert selects the job by this name.
     down = next(r for r in pl.alerting_rules() if r["alert"] == "LLMCacheExporterDown")
     assert 'up{job="prompt-cache-exporter"}' in down["expr"]
