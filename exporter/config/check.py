@@ -12,6 +12,7 @@ from exporter.config.constants import PROBE_NAMES
 from exporter.config.errors import ConfigError, _number
 from exporter.config.fingerprint import config_fingerprint
 from exporter.config.load import load_config
+from exporter.config.proxies import summary_lines
 from exporter.config.root import Config
 from exporter.durations import format_duration
 
@@ -69,6 +70,7 @@ def summarize(config: Config, env: Mapping[str, str] | None = None) -> str:
             f"{format_duration(provider.balance_check_interval)})",
             f"  prices: {len(provider.prices)} pattern(s)",
         ]
+    lines += summary_lines(config.proxies)
     return "\n".join(lines)
 
 

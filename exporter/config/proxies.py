@@ -10,10 +10,11 @@ Cross-section rules (unique names and addresses, the shared provider's type) are
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from exporter.config.base import FrozenMap, _d, _Model
 from exporter.config.constants import DEFAULT_BASE_URLS, PROVIDER_TYPES, ProviderType
@@ -24,6 +25,7 @@ from exporter.durations import PositiveDuration
 from exporter.results import ModelPrice
 
 _MiB = 1024 * 1024
+_PROXY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 DEFAULT_PROXY_LISTEN = "127.0.0.1:9820"
 
 
@@ -68,12 +70,25 @@ class ProxyConfig(_Model):
                 f'required for type "{kind}" (the API base URL, e.g. https://api.openai.com/v1)',
             )
         if data.get("provider") is None and isinstance(data.get("name"), str):
-            data["provider"] = data["name"]
+            # An invalid name is reported once, under name, not again under provider.
+            data["provider"] = data["name"] if _PROXY_NAME.fullmatch(data["name"]) else ""
         return data
 
-    @field_validator("name", "provider")
+    @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
+        if not _PROXY_NAME.fullmatch(value) or len(value) > 64:
+            raise ValueError(
+                f"invalid proxy name {_quote(value)} (use lower-case letters, digits, "
+                '"_" and "-", starting with a letter or digit, at most 64 characters)'
+            )
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _check_provider(cls, value: str, info: ValidationInfo) -> str:
+        if value == "" and "name" not in info.data:
+            return value  # defaulted from an invalid name, which has its own error
         return ProviderConfig._check_name(value)
 
     @field_validator("upstream")
@@ -140,3 +155,11 @@ def check_proxies(
 
 def _address(listen: str) -> tuple[str, int]:
     return parse_listen(listen)
+
+
+def summary_lines(proxies: Sequence[ProxyConfig]) -> list[str]:
+    """What check-config prints about the proxies (no keys: a proxy holds none)."""
+    return [
+        f"proxy {p.name} ({p.type}): {p.listen} -> {p.upstream}, labels provider {p.provider}"
+        for p in proxies
+    ]
