@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,10 @@ BODY = {
     "max_tokens": 8,
 }
 STREAM_BODY = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+# Every target gets the same header; LiteLLM checks it (it refuses to start without a master
+# key), the upstream and our proxy pass it on or ignore it.
+MASTER_KEY = "sk-bench-" + secrets.token_hex(24)
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 PREFILL_SECONDS = 0.05
 TOKENS = 8
 USAGE = {
@@ -143,21 +149,35 @@ def serve_our_proxy(port: int, upstream: str) -> None:
 # -- processes --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    url: str
+    pid: int | None = None  # whose CPU time is counted (None: not measured)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its waited-for children (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def process(args: list[str], url: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def process(args: list[str], url: str, env: dict[str, str] | None = None) -> Iterator[Target]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                httpx.post(url + "/v1/chat/completions", json=BODY, timeout=2)
-                break
+                ready = httpx.post(url + "/v1/chat/completions", json=BODY, headers=AUTH, timeout=5)
+                if ready.status_code == 200:
+                    break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit(f"could not start {args[0]} {args[1:3]}")
             time.sleep(0.1)
-        yield url
+        yield Target(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -171,7 +191,7 @@ def me(*args: str) -> list[str]:
 
 
 @contextmanager
-def litellm_proxy(binary: str, upstream: str) -> Iterator[str]:
+def litellm_proxy(binary: str, upstream: str) -> Iterator[Target]:
     port = free_port()
     config = {
         "model_list": [
@@ -185,14 +205,15 @@ def litellm_proxy(binary: str, upstream: str) -> Iterator[str]:
             }
         ],
         "litellm_settings": {"telemetry": False},
+        "general_settings": {"master_key": MASTER_KEY},
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "litellm.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
         env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
         args = [binary, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-        with process(args, f"http://127.0.0.1:{port}", env) as url:
-            yield url
+        with process(args, f"http://127.0.0.1:{port}", env) as target:
+            yield target
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -251,18 +272,27 @@ def pct(values: list[float], q: float) -> float:
 Runner = Callable[[httpx.AsyncClient, str], Awaitable[Any]]
 
 
-async def measure(targets: dict[str, str], requests: int, rounds: int) -> dict[str, dict[str, Any]]:
+async def measure(
+    targets: dict[str, Target], requests: int, rounds: int
+) -> dict[str, dict[str, Any]]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    out: dict[str, dict[str, Any]] = {name: {"lat": [], "tput": [], "ttft": []} for name in targets}
-    async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as client:
-        for url in targets.values():  # warm-up: connections, imports, JIT-free caches
-            await latencies(client, url, 20)
-            await throughput(client, url, 64, 32)
+    out: dict[str, dict[str, Any]] = {
+        name: {"lat": [], "tput": [], "ttft": [], "cpu": []} for name in targets
+    }
+    async with httpx.AsyncClient(
+        trust_env=False, timeout=30, limits=limits, headers=AUTH
+    ) as client:
+        for target in targets.values():  # warm-up: connections, imports, caches
+            await latencies(client, target.url, 20)
+            await throughput(client, target.url, 64, 32)
         for _ in range(rounds):
-            for name, url in targets.items():
-                out[name]["lat"] += await latencies(client, url, requests)
-                out[name]["tput"].append(await throughput(client, url, requests * 2, 32))
-                out[name]["ttft"] += await ttfts(client, url, max(10, requests // 10))
+            for name, target in targets.items():
+                before = cpu_seconds(target.pid) if target.pid else 0.0
+                out[name]["lat"] += await latencies(client, target.url, requests)
+                if target.pid:
+                    out[name]["cpu"].append((cpu_seconds(target.pid) - before) / requests)
+                out[name]["tput"].append(await throughput(client, target.url, requests * 2, 32))
+                out[name]["ttft"] += await ttfts(client, target.url, max(10, requests // 10))
     return out
 
 
@@ -281,9 +311,11 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         p50, p99 = pct(figures["lat"], 0.5), pct(figures["lat"], 0.99)
         tput = statistics.median(figures["tput"])
         ttft = statistics.median(figures["ttft"])
+        cpu = statistics.median(figures["cpu"]) if figures["cpu"] else float("nan")
         print(
             f"{name:18}: latency p50 {p50 * 1e3:6.2f} ms  p99 {p99 * 1e3:6.2f} ms  "
-            f"throughput {tput:7.0f} req/s  TTFT p50 {ttft * 1e3:6.2f} ms"
+            f"throughput {tput:7.0f} req/s  TTFT p50 {ttft * 1e3:6.2f} ms  "
+            f"CPU {cpu * 1e3:.2f} ms/request"
         )
         print(
             f"{'':18}  added p50 {(p50 - d50) * 1e3:+.2f} ms (target <= 1 ms), "
@@ -313,13 +345,13 @@ def main() -> None:
     up_port, proxy_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     with (
-        process(me("upstream", "--port", str(up_port)), upstream),
+        process(me("upstream", "--port", str(up_port)), upstream) as direct,
         process(
             me("proxy", "--port", str(proxy_port), "--upstream", upstream),
             f"http://127.0.0.1:{proxy_port}",
         ) as ours,
     ):
-        targets = {"direct": upstream, "prompt-cache-exporter": ours}
+        targets = {"direct": Target(direct.url), "prompt-cache-exporter": ours}
         if args.litellm:
             with litellm_proxy(args.litellm, upstream) as litellm:
                 targets["litellm"] = litellm
@@ -327,6 +359,8 @@ def main() -> None:
         else:
             results = anyio.run(measure, targets, args.requests, args.rounds)
     print(f"requests per round and target: {args.requests}, rounds: {args.rounds}, loopback")
+    # Wall-clock figures depend on what else the machine runs; CPU per request hardly does.
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     report(results)
 
 
