@@ -65,7 +65,7 @@ def test_defaults_and_every_field() -> None:
     assert (shared.max_request_bytes, shared.max_response_bytes) == (32 << 20, 256 << 20)
     assert (shared.max_concurrent, shared.connect_timeout, shared.read_timeout) == (1024, 10, 600)
     assert shared.price_for("sim-cache-ok") is None  # its own table is empty
-    assert claude.upstream == "https://api.anthropic.com/v1"  # from the type
+    assert claude.upstream == "https://api.anthropic.com"  # the Anthropic SDK's base URL
     assert claude.provider == "claude"
     assert (claude.max_models, claude.prefix_memory, claude.min_cacheable_tokens) == (10, 64, 1024)
     assert (claude.max_request_bytes, claude.max_response_bytes) == (1 << 20, 8 << 20)
@@ -99,4 +99,4 @@ def test_check_config_lists_the_proxies() -> None:
     assert (
         "proxy sim (openai): 127.0.0.1:9820 -> http://127.0.0.1:8089, labels provider sim" in text
     )
-    assert "proxy claude (anthropic): 127.0.0.1:9821 -> https://api.anthropic.com/v1" in text
+    assert "proxy claude (anthropic): 127.0.0.1:9821 -> https://api.anthropic.com," in text

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from exporter.config.base import FrozenMap, _d, _Model
-from exporter.config.constants import DEFAULT_BASE_URLS, PROVIDER_TYPES, ProviderType
+from exporter.config.constants import PROVIDER_TYPES, ProviderType
 from exporter.config.errors import _invalid, _quote
 from exporter.config.providers import PriceConfig, ProviderConfig
 from exporter.config.sections import ServerConfig, parse_listen
@@ -27,6 +27,13 @@ from exporter.results import ModelPrice
 _MiB = 1024 * 1024
 _PROXY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 DEFAULT_PROXY_LISTEN = "127.0.0.1:9820"
+# What the official SDKs use as their base URL, so a client swaps that URL for the listener's
+# and nothing else (the Anthropic SDK appends /v1/messages itself; the OpenAI SDK, pointed
+# at Venice, appends /chat/completions to .../api/v1).
+DEFAULT_UPSTREAMS = {
+    "venice": "https://api.venice.ai/api/v1",
+    "anthropic": "https://api.anthropic.com",
+}
 
 
 class ProxyConfig(_Model):
@@ -62,8 +69,8 @@ class ProxyConfig(_Model):
             return data
         data = dict(data)
         kind = data.get("type")
-        if data.get("upstream") is None and kind in DEFAULT_BASE_URLS:
-            data["upstream"] = DEFAULT_BASE_URLS[kind]
+        if data.get("upstream") is None and kind in DEFAULT_UPSTREAMS:
+            data["upstream"] = DEFAULT_UPSTREAMS[kind]
         elif data.get("upstream") is None and kind in PROVIDER_TYPES:
             raise _invalid(
                 "upstream",
