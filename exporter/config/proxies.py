@@ -84,12 +84,10 @@ class ProxyConfig(_Model):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _PROXY_NAME.fullmatch(value) or len(value) > 64:
-            raise ValueError(
-                f"invalid proxy name {_quote(value)} (use lower-case letters, digits, "
-                '"_" and "-", starting with a letter or digit, at most 64 characters)'
-            )
-        return value
+        try:
+            return ProviderConfig._check_name(value)  # the same rule as provider names
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("provider name", "proxy name")) from None
 
     @field_validator("provider")
     @classmethod
