@@ -128,15 +128,19 @@ async def _run(rig: ProxyRig, *, churning: bool, requests: int) -> list[Any]:
         base_url=rig.url + "/v1", api_key="sk-churn", max_retries=0, http_client=http
     )
     usages = []
-    for i in range(requests):
-        # The classic mistake: a timestamp at the top of the system prompt.
-        system = (f"Current time: 2026-12-01T10:{i:02d}:00Z\n" if churning else "") + LONG
-        completion = await client.chat.completions.create(
-            model="sim-cache-ok",
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}],
-            max_tokens=5,
-        )
-        usages.append(completion.usage)
+    async with client:
+        for i in range(requests):
+            # The classic mistake: a timestamp at the top of the system prompt.
+            system = (f"Current time: 2026-12-01T10:{i:02d}:00Z\n" if churning else "") + LONG
+            completion = await client.chat.completions.create(
+                model="sim-cache-ok",
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"q{i}"},
+                ],
+                max_tokens=5,
+            )
+            usages.append(completion.usage)
     await rig.idle()
     return usages
 

@@ -166,6 +166,7 @@ def test_traffic_beside_probes_and_the_key_never_leaks(sim: SimProcess, tmp_path
         )
         texts.append(httpx.get(exporter.url + "/metrics", timeout=10).text)
         texts.append(httpx.get(exporter.url + "/api/runs?limit=100", timeout=10).text)
+        client.close()
         assert exporter.terminate() == 0
         texts.append(exporter.log())
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anthropic
@@ -90,9 +91,9 @@ def _sse_data(body: bytes) -> list[Any]:
 
 
 async def test_openai_sdk_json_answers_are_byte_identical_and_counted() -> None:
-    async with proxy_rig(prices=PRICES) as rig:
+    async with proxy_rig(prices=PRICES) as rig, AsyncExitStack() as stack:
         sent = Sent()
-        client = _openai(rig, sent)
+        client = await stack.enter_async_context(_openai(rig, sent))
         usages = []
         for _ in range(3):  # a cold request, then two repeats that hit
             raw = await client.chat.completions.with_raw_response.create(
@@ -129,9 +130,9 @@ async def test_openai_sdk_json_answers_are_byte_identical_and_counted() -> None:
 async def test_openai_sdk_stream_gets_the_upstream_events_in_order_as_they_come() -> None:
     # 20 ms between tokens: events must reach the SDK while the upstream still streams.
     config = SimConfig(latency_scale=1.0)
-    async with proxy_rig(config) as rig:
+    async with proxy_rig(config) as rig, AsyncExitStack() as stack:
         sent = Sent()
-        client = _openai(rig, sent)
+        client = await stack.enter_async_context(_openai(rig, sent))
         stream = await client.chat.completions.create(
             model=MODEL,
             messages=_messages(),
@@ -168,9 +169,9 @@ async def test_openai_sdk_stream_gets_the_upstream_events_in_order_as_they_come(
 
 
 async def test_a_stream_without_include_usage_is_forwarded_as_is_and_counted_no_usage() -> None:
-    async with proxy_rig() as rig:
+    async with proxy_rig() as rig, AsyncExitStack() as stack:
         sent = Sent()
-        client = _openai(rig, sent)
+        client = await stack.enter_async_context(_openai(rig, sent))
         stream = await client.chat.completions.create(
             model=MODEL, messages=_messages(), max_tokens=5, stream=True
         )
@@ -203,8 +204,8 @@ def _anthropic_request() -> dict[str, Any]:
 
 
 async def test_anthropic_sdk_json_and_stream_through_the_proxy() -> None:
-    async with proxy_rig(provider_type="anthropic") as rig:
-        client = _anthropic(rig)
+    async with proxy_rig(provider_type="anthropic") as rig, AsyncExitStack() as stack:
+        client = await stack.enter_async_context(_anthropic(rig))
         raw = await client.messages.with_raw_response.create(**_anthropic_request())
         body = await raw.http_response.aread()
         _assert_request_forwarded(raw.http_response.request, rig)
@@ -257,8 +258,8 @@ async def test_anthropic_sdk_json_and_stream_through_the_proxy() -> None:
 async def test_upstream_errors_reach_the_sdk_unchanged(
     model: str, status: int, error: type[openai.APIStatusError]
 ) -> None:
-    async with proxy_rig() as rig:
-        client = _openai(rig, Sent())
+    async with proxy_rig() as rig, AsyncExitStack() as stack:
+        client = await stack.enter_async_context(_openai(rig, Sent()))
         with pytest.raises(error) as caught:
             await client.chat.completions.create(model=model, messages=_messages())
         await rig.idle()
