@@ -277,6 +277,7 @@ async def test_past_max_concurrent_the_proxy_answers_503_at_once() -> None:
     assert busy.status_code == 503
     assert busy.headers["x-llmcache-proxy-error"] == "proxy_busy"
     assert busy.headers["retry-after"] == "1"
+    assert _count(rig, "proxy_error", "other") == 1
 
 
 async def test_a_client_leaving_mid_stream_is_counted_and_frees_its_slot() -> None:

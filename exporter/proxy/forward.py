@@ -132,6 +132,9 @@ class ProxyApp:
             return  # no websockets; lifespan is off
         if self._active >= self._limits.max_concurrent:
             await _answer(send, 503, "proxy_busy", "too many requests in flight at the proxy")
+            busy = _Exchange(chat=is_chat(self.provider_type, scope["method"], scope["path"]))
+            busy.outcome = PROXY_ERROR
+            self._record(busy, b"")  # the body was not read: counted under model "other"
             return
         self._active += 1
         self._state.request_started(self.provider)
@@ -222,7 +225,10 @@ class ProxyApp:
         except httpx.HTTPError:
             exchange.outcome, exchange.aborted = PROXY_ERROR, True  # upstream broke off
         finally:
-            await response.aclose()
+            # Shielded: when the client left (or shutdown cut the stream) the upstream
+            # connection must still be released, not abandoned mid-answer.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
 
     def _tap(self, exchange: _Exchange, response: httpx.Response) -> ResponseTap | None:
         if not exchange.chat:
