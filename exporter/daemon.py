@@ -26,8 +26,9 @@ from exporter import __version__
 from exporter.budget import Budget
 from exporter.clock import SystemClock
 from exporter.config import Config, ConfigError, load_config
+from exporter.exposition import Exposition, Refresher
 from exporter.memtrim import configure_allocator
-from exporter.metrics import ExporterCollector, build_registry
+from exporter.metrics import build_registry
 from exporter.probes import PROBE_NAMES
 from exporter.proxy import serve_proxies
 from exporter.recorder import Recorder
@@ -41,7 +42,12 @@ from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 # Settings read once at start: a reload that changes them says so instead of ignoring them.
-RESTART_SETTINGS = ("server.listen", "server.web_config_file", "storage.path")
+RESTART_SETTINGS = (
+    "server.listen",
+    "server.web_config_file",
+    "server.per_model_histograms",
+    "storage.path",
+)
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
@@ -137,6 +143,7 @@ class Daemon:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         self.config = config
+        self.state = State(per_model_histograms=config.server.per_model_histograms)
         logging.getLogger().setLevel(config.log_level.upper())
         try:
             self.store = await Store.open(
@@ -153,7 +160,10 @@ class Daemon:
             await budget.load()
             restored = await recorder.restore()
             recorder.reload_result(True)
-            registry = build_registry(ExporterCollector(self.state, now=self.clock.time))
+            # The llmcache_ families are rendered when the state changes (exposition); the
+            # registry holds what is rendered live per scrape (process metrics, proxies).
+            exposition = Exposition(self.state, now=self.clock.time)
+            registry = build_registry()
             async with httpx.AsyncClient(follow_redirects=False) as client:
                 self.scheduler = Scheduler(
                     config,
@@ -172,6 +182,7 @@ class Daemon:
                     web_config=web,
                     probe_names=PROBE_NAMES,
                     version=__version__,
+                    exposition=exposition,
                 )
                 async with (
                     serve(
@@ -180,7 +191,8 @@ class Daemon:
                     serve_proxies(config, registry),
                 ):
                     log.info("prompt-cache-exporter %s serving on %s", __version__, address.url)
-                    await self._supervise()
+                    with Refresher(exposition, self.state):
+                        await self._supervise()
         finally:
             pending = await store.flush()
             if pending:

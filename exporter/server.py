@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gzip
 import json
 import logging
 import math
@@ -37,9 +36,7 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
@@ -52,7 +49,8 @@ from exporter.asgi import (
     BoundAddress,
     serve_asgi,
 )
-from exporter.memtrim import release_after_render
+from exporter.exposition import Exposition
+from exporter.negotiation import MetricsResponder
 from exporter.results import ProbeResult
 from exporter.store import ProbeStore
 from exporter.webconfig import (
@@ -85,8 +83,8 @@ _NAME_VALUE: Final = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
 _NAME_RULE: Final = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
 _SAFE_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\[\]-]{1,40}")
 _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
-# One render at a time: concurrent scrapes (an HA Prometheus pair) wait their turn rather
-# than holding two copies of a large exposition in memory at once.
+# One /metrics answer at a time: concurrent scrapes (an HA Prometheus pair) share the prepared
+# bytes, and a change is rendered once, not once per scraper.
 _RENDER_THREADS: Final = 1
 _CACHED_BYTES: Final = 8 << 20  # /api/runs answers kept (1 000 runs are a few MB)
 
@@ -140,14 +138,19 @@ def create_app(
     probe_names: Sequence[str],
     version: str,
     authenticator: BasicAuthenticator | None = None,
+    exposition: Exposition | None = None,
 ) -> Starlette:
     """The exporter's ASGI app. Nothing here reaches a provider: it reads state and history.
+
+    /metrics serves ``exposition`` (the prepared ``llmcache_`` families) followed by
+    ``registry`` rendered live; without an exposition, ``registry`` alone, rendered per scrape.
 
     ``reload`` None leaves /-/reload unregistered (404). A plain ``WebConfig`` is applied as
     is; a ``WebConfigSource`` follows its file. ``app.state.authenticator`` is the basic-auth
     checker (tests count its bcrypt verifications).
     """
     probes = tuple(probe_names)
+    responder = MetricsResponder(registry, exposition)
     render_limiter = anyio.CapacityLimiter(_RENDER_THREADS)
     # One /api/runs answer at a time: its CPU (decoding and encoding up to a thousand runs) is
     # kept to one worker thread, however many clients ask, so probes' timings stay honest.
@@ -161,31 +164,21 @@ def create_app(
         if (refused := _only(request, "GET", "HEAD")) is not None:
             return refused
         accept = request.headers.get("accept", "")
-        use_gzip = gzip_accepted(request.headers.get("accept-encoding", ""))
+        encoding = request.headers.get("accept-encoding", "")
         names = request.query_params.getlist("name[]")
-
-        def render() -> tuple[bytes, str, int]:
-            # Runs in a worker thread: collect() of a big registry takes milliseconds to
-            # seconds, and probes on the event loop are measuring latencies meanwhile.
-            encoder, content_type = choose_encoder(accept)
-            source = registry.restricted_registry(names) if names else registry
-            body = encoder(source)
-            return (gzip.compress(body) if use_gzip else body), content_type, len(body)
-
         try:
-            body, content_type, size = await anyio.to_thread.run_sync(
-                render, limiter=render_limiter
+            # In a worker thread: the live collectors read /proc, a change since the last
+            # render is applied first, and probes on the event loop are timing requests.
+            answer = await anyio.to_thread.run_sync(
+                responder.answer, accept, encoding, names, limiter=render_limiter
             )
         except Exception:
             log.exception("rendering /metrics failed")
             return PlainTextResponse("error rendering metrics\n", status_code=500)
-        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
-        if use_gzip:
+        headers = {"Content-Type": answer.content_type, "Vary": "Accept, Accept-Encoding"}
+        if answer.gzip:
             headers["Content-Encoding"] = "gzip"
-        # After the body is sent (and freed), return a large render's memory to the OS.
-        return Response(
-            body, headers=headers, background=BackgroundTask(release_after_render, size)
-        )
+        return _PartsResponse(answer.parts, headers)
 
     async def healthz(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -500,6 +493,26 @@ async def _drain(request: Request, limit: int) -> bool:
         if size > limit:
             return False
     return True
+
+
+class _PartsResponse(Response):
+    """A body of several prepared byte strings, sent one after the other without joining
+    them into a copy (the prepared exposition is megabytes; the live part is small)."""
+
+    def __init__(self, parts: Sequence[bytes], headers: Mapping[str, str]) -> None:
+        self._parts = [p for p in parts if p]
+        length = sum(len(p) for p in self._parts)
+        super().__init__(None, headers={**headers, "Content-Length": str(length)})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self._parts) - 1
+        for i, part in enumerate(self._parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        if not self._parts:
+            await send({"type": "http.response.body", "body": b""})
 
 
 class _BodyGuard:

@@ -21,14 +21,17 @@ from tests.simulator_process import SimProcess, simulator
 pytestmark = pytest.mark.slow
 
 # SPEC §8: every family of the catalogue (as the text parser names them: counters without
-# _total), plus the extras docs/metrics.md adds.
+# _total), plus the extras docs/metrics.md adds; a family whose series appear on first use
+# is listed by its HELP and TYPE lines from start-up. llmcache_persistence_hit_ratio is
+# llmcache_hit_ratio{probe="persistence"} (one home per figure, docs/metrics.md).
 CATALOGUE = {
     "llmcache_caching_works",
     "llmcache_hit_ratio",
     "llmcache_ttl_hit",
     "llmcache_ttl_max_hit_delay_seconds",
-    "llmcache_persistence_hit_ratio",
     "llmcache_persistence_first_miss_index",
+    "llmcache_last_time_to_first_token_seconds",
+    "llmcache_provider_errors",
     "llmcache_probe_success",
     "llmcache_probe_last_run_timestamp_seconds",
     "llmcache_probe_interval_seconds",
@@ -88,6 +91,7 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
     exporter = start_exporter(
         tmp_path, config_text(sim_url=sim.base_url, db_path=tmp_path / "db.sqlite")
     )
+    flaky = {"provider": "sim", "model": "sim-cache-flaky"}
     try:
 
         def ready() -> bool:
@@ -102,9 +106,7 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
                     delay_seconds="4",
                 )
                 is not None
-                and value(
-                    s, "llmcache_persistence_hit_ratio", provider="sim", model="sim-cache-flaky"
-                )
+                and value(s, "llmcache_hit_ratio", probe="persistence", size="", **flaky)
                 is not None
                 and value(
                     s,
@@ -183,9 +185,9 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
             v("llmcache_ttl_max_hit_delay_seconds", provider="sim", model="sim-cache-short-ttl")
             == 1
         )
-        flaky = v("llmcache_persistence_hit_ratio", provider="sim", model="sim-cache-flaky")
-        assert flaky is not None
-        assert 0 <= flaky < 1
+        ratio = v("llmcache_hit_ratio", probe="persistence", size="", **flaky)
+        assert ratio is not None
+        assert 0 <= ratio < 1
         # Tokens and money.
         cached = v("llmcache_cached_tokens_total", provider="sim", model="sim-cache-ok")
         prompt = v("llmcache_prompt_tokens_total", provider="sim", model="sim-cache-ok")
@@ -228,11 +230,21 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
             assert v("llmcache_caching_works", provider="sim", model=model, probe="basic") == 1
         assert (v("llmcache_warm_requests_total", **evicting) or 0) > 0
         assert v("llmcache_warm_request_hits_total", **evicting) == 0
-        assert v("llmcache_time_to_first_token_seconds_count", cache="hit", **evicting) == 0
-        assert v("llmcache_persistence_hit_ratio", **evicting) == 0
+        assert v("llmcache_hit_ratio", probe="persistence", size="", **evicting) == 0
         assert (v("llmcache_cached_tokens_total", **evicting) or 0) > 0  # the template, as billed
+        # No polluted run: the counter has not appeared (it does with the first one).
         for model in ("sim-cache-evicting", "sim-cache-template"):
-            assert v("llmcache_cache_pollution_total", provider="sim", model=model) == 0
+            assert v("llmcache_cache_pollution_total", provider="sim", model=model) is None
+        # The model's own cold and warm TTFT, from its last basic run (streamed).
+        cold = v("llmcache_last_time_to_first_token_seconds", request="cold", **evicting)
+        warm = v("llmcache_last_time_to_first_token_seconds", request="warm", **evicting)
+        assert cold is not None
+        assert warm is not None
+        # Per provider, every error type from start-up; the model's at its first error.
+        assert (
+            v("llmcache_provider_errors_total", provider="sim", error_type="api_error") or 0
+        ) >= (errors)
+        assert v("llmcache_provider_errors_total", provider="venice-sim", error_type="timeout") == 0
         assert v("llmcache_models", provider="venice-sim") == 2
         score = v("llmcache_reliability_score", provider="sim", model="sim-cache-ok")
         assert score is not None

@@ -7,6 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.budget import BudgetSnapshot, BudgetUsage
 from exporter.hits import HitRule
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.pricing import resolve_price
@@ -44,7 +45,13 @@ def configured() -> State:
 
 
 def record(
-    label: str, *, cold: bool, prompt: int = 2000, cached: int | None = 0, ok: bool = True
+    label: str,
+    *,
+    cold: bool,
+    prompt: int = 2000,
+    cached: int | None = 0,
+    ok: bool = True,
+    ttft: float = 0.2,
 ) -> RequestRecord:
     r = RequestRecord(
         label=label,
@@ -52,7 +59,7 @@ def record(
         attempts=1,
         status=200 if ok else 500,
         latency_seconds=0.3,
-        ttft_seconds=0.2,
+        ttft_seconds=ttft,
         completion_tokens=5,
     )
     if ok:
@@ -74,28 +81,40 @@ def test_series_exist_from_start_up() -> None:
             )
             == 0
         )
-        for outcome in ("success", "failure", "skipped"):
+        for outcome in ("success", "failure"):
             assert (
                 get(
                     s,
-                    "llmcache_probe_runs_total",
+                    "llmcache_probe_duration_seconds_count",
                     provider="p",
-                    model="m",
                     probe=probe,
                     outcome=outcome,
                 )
                 == 0
             )
+    for outcome in ("success", "failure"):
+        assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome=outcome) == 0
+        assert get(s, "llmcache_requests_total", provider="p", model="m", outcome=outcome) == 0
+    # Every error type per provider from start-up; per model at the first error of a type.
     for kind in ("rate_limit", "timeout", "api_error", "bad_response", "budget"):
-        assert get(s, "llmcache_errors_total", provider="p", model="m", error_type=kind) == 0
+        assert get(s, "llmcache_provider_errors_total", provider="p", error_type=kind) == 0
+    assert not [k for k in s if k[0] == "llmcache_errors_total"]
     assert get(s, "llmcache_prompt_tokens_total", provider="p", model="m") == 0
     assert get(s, "llmcache_provider_paused", provider="p", reason="balance") == 0
     assert get(s, "llmcache_probe_interval_seconds", provider="p", probe="ttl") == 3600
-    assert (
-        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="hit") == 0
+    assert get(s, "llmcache_request_duration_seconds_count", provider="p", cache="hit") == 0
+    assert get(s, "llmcache_time_to_first_token_seconds_count", provider="p", cache="miss") == 0
+    # No verdict yet: no caching_works series (absent, never a false 0); events most models
+    # never see appear with the first one.
+    first_use = (
+        "llmcache_caching_works",
+        "llmcache_cache_pollution_total",
+        "llmcache_cache_write_tokens_total",
+        "llmcache_model_unpriced",
+        "llmcache_last_time_to_first_token_seconds",
     )
-    # No verdict yet: no caching_works series (absent, never a false 0).
-    assert not [k for k in s if k[0] == "llmcache_caching_works"]
+    assert not [k for k in s if k[0] in first_use]
+    assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome="skipped") is None
 
 
 def test_a_probe_result_sets_gauges_and_counters() -> None:
@@ -110,7 +129,10 @@ def test_a_probe_result_sets_gauges_and_counters() -> None:
         finished_at=NOW,
         duration_seconds=2.0,
         hit_ratio=0.96,
-        requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
+        requests=[
+            record("prime", cold=True, ttft=0.6),
+            record("repeat", cold=False, cached=1920, ttft=0.15),
+        ],
     )
     state.observe_result(result)
     s = samples(state)
@@ -129,21 +151,24 @@ def test_a_probe_result_sets_gauges_and_counters() -> None:
     assert spend == pytest.approx((2080 * 1.0 + 1920 * 0.1 + 10 * 4.0) / 1e6)
     savings = get(s, "llmcache_savings_usd_total", provider="p", model="m")
     assert savings == pytest.approx(1920 * 0.9 / 1e6)
+    # Latency histograms per provider (docs/metrics.md "Series per model"); the model's own
+    # cold and warm figures are gauges of its last basic run.
+    assert get(s, "llmcache_request_duration_seconds_count", provider="p", cache="hit") == 1
     assert (
-        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="hit") == 1
-    )
-    assert (
-        get(
-            s,
-            "llmcache_request_duration_seconds_bucket",
-            provider="p",
-            model="m",
-            cache="miss",
-            le="0.5",
-        )
+        get(s, "llmcache_request_duration_seconds_bucket", provider="p", cache="miss", le="0.5")
         == 1
     )
-    assert get(s, "llmcache_probe_duration_seconds_sum", provider="p", probe="basic") == 2.0
+    assert get(s, "llmcache_time_to_first_token_seconds_sum", provider="p", cache="hit") == 0.15
+    ttft = "llmcache_last_time_to_first_token_seconds"
+    assert get(s, ttft, provider="p", model="m", request="cold") == 0.6
+    assert get(s, ttft, provider="p", model="m", request="warm") == 0.15
+    assert (
+        get(
+            s, "llmcache_probe_duration_seconds_sum", provider="p", probe="basic", outcome="success"
+        )
+        == 2.0
+    )
+    assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome="success") == 1
     assert get(s, "llmcache_cache_reporting_supported", provider="p", model="m") == 1
 
 
@@ -164,16 +189,11 @@ def test_restored_results_set_gauges_but_count_nothing() -> None:
     s = samples(state)
     assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") == 0
     assert get(s, "llmcache_requests_total", provider="p", model="m", outcome="success") == 0
+    assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome="success") == 0
+    # The last run's figures are restored like the verdict.
     assert (
-        get(
-            s,
-            "llmcache_probe_runs_total",
-            provider="p",
-            model="m",
-            probe="basic",
-            outcome="success",
-        )
-        == 0
+        get(s, "llmcache_last_time_to_first_token_seconds", provider="p", model="m", request="warm")
+        == 0.2
     )
 
 
@@ -235,6 +255,24 @@ def test_ttl_sizes_and_failures() -> None:
         is None
     )  # below the minimum: no ratio, not a 0
     assert get(s, "llmcache_errors_total", provider="p", model="m", error_type="api_error") == 1
+    assert get(s, "llmcache_errors_total", provider="p", model="m", error_type="timeout") is None
+    assert get(s, "llmcache_provider_errors_total", provider="p", error_type="api_error") == 1
+    assert get(s, "llmcache_provider_errors_total", provider="p", error_type="timeout") == 0
+    assert (
+        get(
+            s,
+            "llmcache_probe_duration_seconds_count",
+            provider="p",
+            probe="basic",
+            outcome="failure",
+        )
+        == 1
+    )
+    # The probes' own figures that are means of other series are not exported twice.
+    assert get(s, "llmcache_hit_ratio", provider="p", model="m", probe="ttl", size="") is None
+    assert (
+        get(s, "llmcache_hit_ratio", provider="p", model="m", probe="prompt_sizes", size="") is None
+    )
     assert get(s, "llmcache_probe_success", provider="p", model="m", probe="basic") == 0
     assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") is None
     assert get(s, "llmcache_model_cooldown", provider="p", model="m") == 1
@@ -264,10 +302,7 @@ def test_not_reported_is_not_zero_cached() -> None:
     assert get(s, "llmcache_caching_works", provider="p", model="m", probe="basic") is None
     assert get(s, "llmcache_cache_reporting_supported", provider="p", model="m") == 0
     assert get(s, "llmcache_warm_requests_total", provider="p", model="m") == 0
-    assert (
-        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="unknown")
-        == 2
-    )
+    assert get(s, "llmcache_request_duration_seconds_count", provider="p", cache="unknown") == 2
 
 
 def test_openmetrics_rendering_is_valid() -> None:
@@ -279,12 +314,131 @@ def test_openmetrics_rendering_is_valid() -> None:
     assert "_created" not in text.replace("process_start_time", "")
 
 
+def test_rare_events_appear_with_the_first_one() -> None:
+    state = configured()
+    state.observe_result(
+        ProbeResult(
+            probe="basic",
+            provider="p",
+            model="m",
+            run_id="skip",
+            verdict=Verdict.SKIPPED,
+            started_at=NOW,
+            finished_at=NOW,
+        )
+    )
+    write = record("prime", cold=True)
+    write.cache_write_tokens = 1800
+    polluted = ProbeResult(
+        probe="basic",
+        provider="p",
+        model="m",
+        run_id="w",
+        verdict=Verdict.WORKS,
+        started_at=NOW,
+        finished_at=NOW,
+        pollution=True,
+        requests=[write, record("repeat", cold=False, cached=1920)],
+    )
+    state.observe_result(polluted)
+    s = samples(state)
+    assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome="skipped") == 1
+    assert get(s, "llmcache_cache_write_tokens_total", provider="p", model="m") == 1800
+    assert get(s, "llmcache_cache_pollution_total", provider="p", model="m") == 1
+
+
+def test_unpriced_exists_where_a_usd_budget_applies() -> None:
+    state = configured()
+    assert not [k for k in samples(state) if k[0] == "llmcache_model_unpriced"]
+    usage = BudgetUsage(window="day", unit="usd", limit=1.0, used=0.0)
+    state.set_budgets({"p": BudgetSnapshot("p", (usage,), exhausted=False)})
+    assert get(samples(state), "llmcache_model_unpriced", provider="p", model="m") == 0
+    state.set_unpriced("p", "m", True)
+    assert get(samples(state), "llmcache_model_unpriced", provider="p", model="m") == 1
+    state.set_budgets({})
+    assert not [k for k in samples(state) if k[0] == "llmcache_model_unpriced"]
+
+
+def test_per_model_histograms_switch() -> None:
+    state = State(per_model_histograms=True)
+    state.configure_provider("p", probes=("basic",), intervals={"basic": 300.0})
+    state.set_models("p", ["m"], {})
+    state.observe_result(
+        ProbeResult(
+            probe="basic",
+            provider="p",
+            model="m",
+            run_id="r",
+            verdict=Verdict.WORKS,
+            started_at=NOW,
+            finished_at=NOW,
+            requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
+        )
+    )
+    s = samples(state)
+    name = "llmcache_time_to_first_token_seconds_count"
+    assert get(s, name, provider="p", model="m", cache="hit") == 1
+    assert get(s, name, provider="p", cache="hit") is None
+    assert (
+        get(s, "llmcache_request_duration_seconds_count", provider="p", model="m", cache="miss")
+        == 1
+    )
+
+
+def full_state(models: int) -> State:
+    """Every probe of the default configuration (4 prompt sizes, 4 TTL delays) run once for
+    every model, with a price: the series a model has in the steady state."""
+    state = State()
+    probes = ("basic", "prompt_sizes", "partial", "persistence", "ttl")
+    state.configure_provider("p", probes=probes, intervals=dict.fromkeys(probes, 600.0))
+    price = resolve_price(ModelPrice(input=1.0, output=4.0, cache_read=0.1), None)
+    names = [f"m{i}" for i in range(models)]
+    state.set_models("p", names, dict.fromkeys(names, price))
+    for name in names:
+        for probe in probes:
+            result = ProbeResult(
+                probe=probe,
+                provider="p",
+                model=name,
+                run_id=f"{name}-{probe}",
+                verdict=Verdict.WORKS,
+                started_at=NOW,
+                finished_at=NOW,
+                hit_ratio=0.9,
+                requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
+            )
+            if probe == "prompt_sizes":
+                result.sizes = {
+                    n: SizeOutcome(t, Verdict.WORKS, 0.9, t)
+                    for n, t in (
+                        ("small", 1100),
+                        ("medium", 2000),
+                        ("large", 4000),
+                        ("xlarge", 8000),
+                    )
+                }
+            if probe == "ttl":
+                result.ttl = {1.0: True, 5.0: True, 10.0: True, 30.0: False}
+            if probe == "persistence":
+                result.first_miss_index = None
+            state.observe_result(result)
+        state.set_reliability("p", name, 90.0)
+    return state
+
+
+def test_a_model_has_at_most_50_series() -> None:
+    """The series budget of docs/metrics.md: 50 per model with every probe and a price."""
+    s = samples(full_state(3))
+    per_model = [k for k in s if k[0].startswith("llmcache_") and ("model", "m1") in k[1]]
+    assert len(per_model) == 50
+
+
 @pytest.mark.anyio
 async def test_warm_counters_and_cache_label_follow_the_hit_rule(rig: SimRig) -> None:
     """Real runs against the simulator, scraped: the evicting server's template tokens are
     misses everywhere (SLO counters, latency and TTFT histograms), the template server's
     repeats are hits."""
-    state = State()
+    state = State(per_model_histograms=True)  # the cache label per model
     models = ["sim-cache-evicting", "sim-cache-template"]
     state.configure_provider(
         "sim", probes=("basic", "persistence"), intervals={"basic": 300.0, "persistence": 900.0}
@@ -310,9 +464,9 @@ async def test_warm_counters_and_cache_label_follow_the_hit_rule(rig: SimRig) ->
         assert count(name, "sim-cache-template", cache="hit") == 10
         assert count(name, "sim-cache-template", cache="miss") == 2
     # Not pollution, and the raw token counter still shows what was reported (and billed).
-    assert count("llmcache_cache_pollution_total", "sim-cache-evicting") == 0
+    assert count("llmcache_cache_pollution_total", "sim-cache-evicting") is None
     assert count("llmcache_cached_tokens_total", "sim-cache-evicting") == 12 * 8
     assert count("llmcache_hit_ratio", "sim-cache-evicting", probe="basic", size="") == 0
-    assert count("llmcache_persistence_hit_ratio", "sim-cache-evicting") == 0
+    assert count("llmcache_hit_ratio", "sim-cache-evicting", probe="persistence", size="") == 0
     assert count("llmcache_caching_works", "sim-cache-evicting", probe="persistence") == 0
     assert count("llmcache_caching_works", "sim-cache-template", probe="persistence") == 1

@@ -22,6 +22,9 @@ class ServerConfig(_Model):
     listen: str = "127.0.0.1:9819"
     # Prometheus exporter-toolkit web config (TLS, basic auth, headers). None: plain HTTP.
     web_config_file: Path | None = None
+    # Request-duration and TTFT histograms per model (24 more series per model) instead of
+    # per provider; the per-model cold/warm TTFT gauges exist either way.
+    per_model_histograms: bool = False
 
     @field_validator("listen")
     @classmethod
