@@ -263,16 +263,30 @@ class _Group:
         for index in range(len(self.families)):
             starts = self._starts(index)
             begin = size
+            # Fragments that keep their place stay one slice of the old string, not one
+            # (heavy) memoryview each.
+            run_start = run_end = -1
             for key in order:
                 chunks = rendered.get(key)
-                if chunks is not None:
-                    chunk: bytes | memoryview = chunks[index]
-                else:
+                if chunks is None:
                     position = self.position[key]
-                    chunk = view[starts[position] : starts[position + 1]]
-                parts.append(chunk)
-                lengths[index].append(len(chunk))
-                size += len(chunk)
+                    start, end = starts[position], starts[position + 1]
+                    if start != run_end:
+                        if run_end > run_start:
+                            parts.append(view[run_start:run_end])
+                        run_start = start
+                    run_end = end
+                    length = end - start
+                else:
+                    if run_end > run_start:
+                        parts.append(view[run_start:run_end])
+                    run_start = run_end = -1
+                    parts.append(chunks[index])
+                    length = len(chunks[index])
+                lengths[index].append(length)
+                size += length
+            if run_end > run_start:
+                parts.append(view[run_start:run_end])
             sections.append((begin, size))
         self.blob = b"".join(parts)
         self.sections = sections
@@ -374,10 +388,16 @@ class Exposition:
         return b"".join([p for g in self._groups() for p in g.parts(fmt)])
 
     def _compress(self, fmt: Format) -> Prepared:
-        body = self._join(fmt)
+        # Part by part (two per family), not a joined copy of the whole body first.
         compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-        deflated = compressor.compress(body) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        return Prepared(self._generation, len(body), deflated=deflated, crc=zlib.crc32(body))
+        out: list[bytes] = []
+        crc = size = 0
+        for part in (p for g in self._groups() for p in g.parts(fmt)):
+            out.append(compressor.compress(part))
+            crc = zlib.crc32(part, crc)
+            size += len(part)
+        out.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+        return Prepared(self._generation, size, deflated=b"".join(out), crc=crc)
 
     def _is_current(self, generation: int) -> bool:
         if self._next_expiry and self._now() >= self._next_expiry:
@@ -401,10 +421,13 @@ class Exposition:
         # In batches: a full render (start-up, a new model list) never holds every model's
         # new lines at once beside the old and new strings (a few MB of short-lived objects
         # leave the allocator's pools fragmented for good).
-        items = list(changes.models.items())
-        for first in range(0, len(items), RENDER_BATCH):
+        pending = changes.models
+        rendered_any = bool(pending)
+        while pending:
             models: dict[object, list[bytes] | None] = {}
-            for key, model in items[first : first + RENDER_BATCH]:
+            # Popped, so each model's copy is freed once its lines are made.
+            for _ in range(min(RENDER_BATCH, len(pending))):
+                key, model = pending.popitem()
                 self._expiring.pop(key, None)
                 if model is None:
                     models[key] = None
@@ -415,7 +438,7 @@ class Exposition:
                 if until:
                     self._expiring[key] = until
             self._models.update(models, model_order)
-        if not items and model_order is not None:
+        if not rendered_any and model_order is not None:
             self._models.update({}, model_order)
         providers: dict[object, list[bytes] | None] = {}
         for name, provider in changes.providers.items():
