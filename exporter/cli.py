@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import anyio
 
 from exporter import __version__
+from exporter.exits import run_command
 
 
 def _configure_logging(level: str) -> None:
@@ -46,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run probes once against one model and print the evidence",
         description="The cache microscope: run probes once against one model, print every "
         "request's tokens, cached tokens and timings, and curl commands that replay them. "
-        "The key is read from PCE_API_KEY or the API's conventional variable "
-        "(OPENAI_API_KEY, VENICE_API_KEY, ANTHROPIC_API_KEY).",
+        "The key is read from PCE_API_KEY, else from the API's own variable: VENICE_API_KEY, "
+        "ANTHROPIC_API_KEY, or for OpenAI-compatible URLs only a known host's variable "
+        "(OPENAI_API_KEY for api.openai.com, DEEPSEEK_API_KEY for api.deepseek.com, ...); "
+        "other hosts get no key unless PCE_API_KEY is set. "
+        "Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no verdict, "
+        "130 interrupted.",
     )
     probe_cli.add_arguments(probe)
 
@@ -98,29 +103,31 @@ def check_config(path: str | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.error exits
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit statuses are documented in exporter.exits and the README."""
+    return run_command(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:  # noqa: RET503 - parser.error exits
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
-    try:
-        if args.command == "probe":
-            from exporter import probe_cli
+    if args.command == "probe":
+        from exporter import probe_cli
 
-            return anyio.run(probe_cli.run, args)
-        if args.command == "simulate":
-            from exporter.simulator import cli as simulator_cli
+        return anyio.run(probe_cli.run, args)
+    if args.command == "simulate":
+        from exporter.simulator import cli as simulator_cli
 
-            return simulator_cli.main(args)
-        if args.command == "run":
-            from exporter import daemon
+        return simulator_cli.main(args)
+    if args.command == "run":
+        from exporter import daemon
 
-            return daemon.main(args.config)
-        if args.command == "check-config":
-            return check_config(args.config)
-        if args.command == "history":
-            from exporter import history_cli
+        return daemon.main(args.config)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "history":
+        from exporter import history_cli
 
-            return anyio.run(history_cli.run, args)
-    except KeyboardInterrupt:
-        return 130
+        return anyio.run(history_cli.run, args)
     parser.error(f"unknown command {args.command!r}")  # exits with status 2

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from exporter import __version__
 from exporter.budget import Budget
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, ConfigError, load_config
+from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since, listen_error
 from exporter.memtrim import configure_allocator
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.probes import PROBE_NAMES
@@ -36,7 +38,7 @@ from exporter.store import Store, StoreError
 from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
 
 log = logging.getLogger(__name__)
-EXIT_CONFIG = 2
+EXIT_CONFIG = EXIT_USAGE
 
 
 async def restore(state: State, store: Store, config: Config, clock: Clock) -> Restored:
@@ -128,13 +130,15 @@ class Daemon:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         logging.getLogger().setLevel(config.log_level.upper())
+        threads = set(threading.enumerate())
         try:
             self.store = await Store.open(
                 config.storage.path, clock=self.clock, on_error=self.state.store_error
             )
         except (StoreError, OSError) as exc:
-            print(f"error: storage.path: cannot open the database: {exc}", file=sys.stderr)
-            return 1
+            await join_threads_started_since(threads)
+            print(f"error: storage.path: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         store = self.store
         try:
             budget = Budget(store, {p.name: budget_limits(p) for p in config.providers}, self.clock)
@@ -163,11 +167,17 @@ class Daemon:
                     probe_names=PROBE_NAMES,
                     version=__version__,
                 )
-                async with serve(
-                    app, host=config.server.host, port=config.server.port, web_config=web
-                ) as address:
-                    log.info("prompt-cache-exporter %s serving on %s", __version__, address.url)
-                    await self._supervise(config)
+                host, port = config.server.host, config.server.port
+                listening = False
+                try:
+                    async with serve(app, host=host, port=port, web_config=web) as address:
+                        listening = True
+                        await self._supervise(config, address.url)
+                except OSError as exc:
+                    if listening:
+                        raise
+                    print(f"error: server.listen: {listen_error(host, port, exc)}", file=sys.stderr)
+                    return EXIT_USAGE
         finally:
             pending = await store.flush()
             if pending:
@@ -176,12 +186,14 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    async def _supervise(self, config: Config) -> None:
+    async def _supervise(self, config: Config, url: str) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(scheduler.run)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                # Only now: "serving on" promises that Ctrl-C and SIGTERM stop it gracefully.
+                log.info("prompt-cache-exporter %s serving on %s", __version__, url)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         await self.reload()

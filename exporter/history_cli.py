@@ -6,11 +6,13 @@ import argparse
 import csv
 import json
 import sys
+import threading
 from typing import TextIO
 
 from exporter.clock import SystemClock
 from exporter.config import ConfigError, load_config
 from exporter.durations import parse_duration
+from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since
 from exporter.probes import PROBE_NAMES
 from exporter.server import run_to_json
 from exporter.store import Store, StoreError
@@ -56,10 +58,11 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             raise ValueError("--limit: must be between 1 and 1000")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not config.storage.path.exists():
         print(f"error: storage.path: no database at {config.storage.path}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
+    threads = set(threading.enumerate())
     try:
         async with await Store.open(config.storage.path, clock=SystemClock()) as store:
             runs = await store.recent_runs(
@@ -69,9 +72,10 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
                 limit=args.limit,
                 since=since,
             )
-    except StoreError as exc:
+    except (StoreError, OSError) as exc:
+        await join_threads_started_since(threads)
         print(f"error: storage.path: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     rows = [run_to_json(r) for r in runs]
     if args.format == "json":
         json.dump({"runs": rows}, out, indent=2)
