@@ -5,21 +5,26 @@ first token) and curl commands that replay them exactly. Request bodies are writ
 evidence directory; the commands read the key from an environment variable, so nothing
 printed contains it.
 
+Rows appear as each request completes and every wait says what it is for (exporter.
+probe_progress); with ``--json`` that progress goes to stderr and stdout is one JSON object.
+
 Exit status: 0 caching works, 1 it does not, 2 usage or configuration error, 3 no verdict
-(the API reports no cache fields, or requests failed).
+(the API reports no cache fields, or requests failed), 130 interrupted, 141 the reader of
+the output went away.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,8 @@ import httpx
 
 from exporter.clock import SystemClock
 from exporter.durations import parse_duration
+from exporter.exits import EXIT_BROKEN_PIPE
+from exporter.probe_progress import Progress, ProgressClock
 from exporter.probes import PROBE_NAMES, ProbeContext, ProbeSettings, run_probe
 from exporter.probes.common import DEFAULT_SIZES, DEFAULT_TTL_DELAYS
 from exporter.prompts import PromptFactory
@@ -40,6 +47,10 @@ from exporter.transport import RetryPolicy, Transport
 
 EXIT_WORKS, EXIT_BROKEN, EXIT_USAGE, EXIT_NO_VERDICT = 0, 1, 2, 3
 GENERIC_KEY_VAR = "PCE_API_KEY"
+# Default evidence directories live under the user's cache; older runs beyond this many are
+# removed, so they do not pile up the way /tmp/pce-probe-* directories did.
+KEEP_EVIDENCE_RUNS = 10
+_EVIDENCE_RUN = re.compile(r"\d{8}-\d{6}-.+")
 
 
 class UsageError(Exception):
@@ -82,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the prompt filler")
     parser.add_argument(
         "--evidence-dir",
-        help="where request bodies for the curl commands go (default: a new temp dir; "
-        "with --json none are written unless this is given)",
+        help="where request bodies for the curl commands go (default: a new directory "
+        "under $XDG_CACHE_HOME/prompt-cache-exporter/probe, or ~/.cache/..., keeping the "
+        f"last {KEEP_EVIDENCE_RUNS} runs; with --json none are written unless this is given)",
     )
 
 
@@ -124,17 +136,48 @@ class _Evidence:
         return " \\\n  ".join(lines)
 
 
+def key_variables(adapter_cls: type[ProviderAdapter], base_url: str = "") -> tuple[str, ...]:
+    """Where the key may come from: PCE_API_KEY, then the API's conventional variables (for
+    OpenAI-compatible URLs, only a known host's own variable)."""
+    by_host = conventional_key_env(base_url) if adapter_cls.type_name == "openai" else None
+    return (GENERIC_KEY_VAR, *adapter_cls.key_env_vars, *filter(None, [by_host]))
+
+
 def resolve_key(
     adapter_cls: type[ProviderAdapter], env: Mapping[str, str], base_url: str = ""
 ) -> tuple[str | None, str | None]:
-    """(key, variable name) from PCE_API_KEY or the API's conventional variables (for
-    OpenAI-compatible URLs, only a known host's own variable)."""
-    by_host = conventional_key_env(base_url) if adapter_cls.type_name == "openai" else None
-    for var in (GENERIC_KEY_VAR, *adapter_cls.key_env_vars, *filter(None, [by_host])):
+    """(key, variable name) from the first of ``key_variables`` that is set."""
+    for var in key_variables(adapter_cls, base_url):
         value = env.get(var)
         if value:
             return value, var
     return None, None
+
+
+def _missing_key_warning(variables: tuple[str, ...]) -> str:
+    if len(variables) == 1:
+        return (
+            f"warning: {variables[0]} is not set: requests go without an API key "
+            "(right for local servers)"
+        )
+    return f"warning: none of {', '.join(variables)} is set: requests go without an API key"
+
+
+def new_evidence_dir(env: Mapping[str, str]) -> Path:
+    """A fresh directory for this run's request bodies, under the user's cache directory;
+    runs beyond the last KEEP_EVIDENCE_RUNS are removed. A temp directory if there is none."""
+    try:
+        cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        home = cache / "prompt-cache-exporter" / "probe"
+        home.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=home))
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
+        return Path(tempfile.mkdtemp(prefix="pce-probe-"))
+    runs = sorted(p for p in home.iterdir() if p.is_dir() and _EVIDENCE_RUN.fullmatch(p.name))
+    for old in runs[:-KEEP_EVIDENCE_RUNS]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _parse_sizes(text: str) -> dict[str, int]:
@@ -238,29 +281,60 @@ async def run(
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
+    if plan.key_var is None:
+        print(
+            _missing_key_warning(key_variables(type(plan.adapter), plan.adapter.base_url)), file=err
+        )
     evidence_dir: Path | None = None
     if args.evidence_dir:
         evidence_dir = Path(args.evidence_dir)
         evidence_dir.mkdir(parents=True, exist_ok=True)
     elif not args.json:
-        evidence_dir = Path(tempfile.mkdtemp(prefix="pce-probe-"))
+        evidence_dir = new_evidence_dir(env)
     evidence = _Evidence(evidence_dir, plan.key_var)
     clock = SystemClock()
+    # Rows and waits go where the reader is: stdout, or stderr when stdout carries the JSON.
+    progress = Progress(
+        err if args.json else out,
+        clock=clock,
+        row=table_line,
+        ttl_delays=plan.settings.ttl_delays,
+    )
+    progress.line(f"{plan.adapter.type_name} {plan.adapter.base_url}  model {args.model}")
     results: list[ProbeResult] = []
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
-        transport = Transport(client, policy=plan.policy, clock=clock)
-        for name in plan.probes:
-            ctx = ProbeContext(
-                provider=args.provider_type,
-                model=args.model,
-                adapter=plan.adapter,
-                transport=transport,
-                prompts=PromptFactory(seed=args.seed),
-                clock=clock,
-                settings=plan.settings,
-                on_request=functools.partial(evidence.add, name),
+    with progress.scope:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+            transport = Transport(
+                client,
+                policy=plan.policy,
+                clock=ProgressClock(clock, progress, retries=True),
+                on_meta=progress.saw_response,
             )
-            results.append(await run_probe(name, ctx, deadline=plan.deadline))
+            for name in plan.probes:
+                progress.start_probe(name)
+
+                def on_request(
+                    request: HttpRequest, record: RequestRecord, probe: str = name
+                ) -> None:
+                    evidence.add(probe, request, record)
+                    progress.request_done(record)
+
+                ctx = ProbeContext(
+                    provider=args.provider_type,
+                    model=args.model,
+                    adapter=plan.adapter,
+                    transport=transport,
+                    prompts=PromptFactory(seed=args.seed),
+                    clock=ProgressClock(clock, progress, retries=False),
+                    settings=plan.settings,
+                    on_request=on_request,
+                )
+                result = await run_probe(name, ctx, deadline=plan.deadline)
+                results.append(result)
+                for line in _summary(result):
+                    progress.line(line)
+    if progress.closed:
+        return EXIT_BROKEN_PIPE
     status = exit_status(results)
     if args.json:
         payload: dict[str, Any] = {
@@ -273,7 +347,7 @@ async def run(
         }
         print(json.dumps(payload, indent=2), file=out)
     else:
-        _print_report(out, plan.adapter, args.model, results, evidence)
+        _print_replay(out, evidence)
     return status
 
 
@@ -293,54 +367,55 @@ def _fmt_hit(record: RequestRecord) -> str:
     return "hit" if record.hit else "miss"
 
 
-def _print_report(
-    out: TextIO,
-    adapter: ProviderAdapter,
-    model: str,
-    results: list[ProbeResult],
-    evidence: _Evidence,
-) -> None:
-    print(f"{adapter.type_name} {adapter.base_url}  model {model}", file=out)
-    header = (
-        f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
-        f"{'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
-    )
-    for result in results:
-        works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
-        ratio = "-" if result.hit_ratio is None else f"{result.hit_ratio:.3f}"
-        print(
-            f"\n{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
-            f"{ratio}, run {result.run_id}, {result.duration_seconds:.2f}s)",
-            file=out,
+def table_line(index: int | None, record: RequestRecord | None) -> str:
+    """One line of the evidence table: the header when ``record`` is None, else its row.
+
+    The only place the table's columns are defined, so a new column is one edit here.
+    """
+    if record is None:
+        return (
+            f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
+            f"{'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
         )
-        if result.error:
-            print(f"  error ({result.error_type}): {result.error}", file=out)
-        if result.pollution:
-            print("  cache pollution: a cold request reported cached tokens", file=out)
-        for name, size in result.sizes.items():
-            size_ratio = "-" if size.hit_ratio is None else f"{size.hit_ratio:.3f}"
-            print(
-                f"  size {name} ({size.target_tokens} tokens): {size.verdict.value}, "
-                f"hit ratio {size_ratio}",
-                file=out,
-            )
-        for delay, hit in sorted(result.ttl.items()):
-            shown = "error" if hit is None else ("hit" if hit else "miss")
-            print(f"  after {delay:g}s: {shown}", file=out)
-        if result.first_miss_index is not None:
-            print(f"  first miss at request {result.first_miss_index}", file=out)
-        if result.shared_prefix_tokens is not None:
-            print(f"  shared prefix: about {result.shared_prefix_tokens} tokens", file=out)
-        print(header, file=out)
-        for i, r in enumerate(result.requests, start=1):
-            print(
-                f"  {i:>2}  {r.label[:22]:<22} {_fmt_tokens(r.status):>6} {r.attempts:>3} "
-                f"{_fmt_tokens(r.prompt_tokens):>7} {_fmt_tokens(r.cached_tokens):>7} "
-                f"{_fmt_tokens(r.cache_write_tokens):>6} {_fmt_tokens(r.completion_tokens):>5} "
-                f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8}  "
-                f"{_fmt_hit(r)}",
-                file=out,
-            )
+    r = record
+    return (
+        f"  {index:>2}  {r.label[:22]:<22} {_fmt_tokens(r.status):>6} {r.attempts:>3} "
+        f"{_fmt_tokens(r.prompt_tokens):>7} {_fmt_tokens(r.cached_tokens):>7} "
+        f"{_fmt_tokens(r.cache_write_tokens):>6} {_fmt_tokens(r.completion_tokens):>5} "
+        f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8}  "
+        f"{_fmt_hit(r)}"
+    )
+
+
+def _summary(result: ProbeResult) -> list[str]:
+    """The verdict of one probe and what it found, printed below its rows."""
+    works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
+    ratio = "-" if result.hit_ratio is None else f"{result.hit_ratio:.3f}"
+    lines = [
+        f"{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
+        f"{ratio}, run {result.run_id}, {result.duration_seconds:.2f}s)"
+    ]
+    if result.error:
+        lines.append(f"  error ({result.error_type}): {result.error}")
+    if result.pollution:
+        lines.append("  cache pollution: a cold request reported cached tokens")
+    for name, size in result.sizes.items():
+        size_ratio = "-" if size.hit_ratio is None else f"{size.hit_ratio:.3f}"
+        lines.append(
+            f"  size {name} ({size.target_tokens} tokens): {size.verdict.value}, "
+            f"hit ratio {size_ratio}"
+        )
+    for delay, hit in sorted(result.ttl.items()):
+        shown = "error" if hit is None else ("hit" if hit else "miss")
+        lines.append(f"  after {delay:g}s: {shown}")
+    if result.first_miss_index is not None:
+        lines.append(f"  first miss at request {result.first_miss_index}")
+    if result.shared_prefix_tokens is not None:
+        lines.append(f"  shared prefix: about {result.shared_prefix_tokens} tokens")
+    return lines
+
+
+def _print_replay(out: TextIO, evidence: _Evidence) -> None:
     if evidence.commands:
         key = f"; key from ${evidence.key_var}" if evidence.key_var else ""
         print(f"\nReplay (request bodies in {evidence.directory}{key}):", file=out)
