@@ -624,3 +624,14 @@ def test_openai_key_variable_defaults_by_host(tmp_path: Path, base_url: str, var
     assert provider.api_key({"OPENAI_API_KEY": "sk-x"}) == (
         "sk-x" if variable.startswith("OPENAI") else None
     )
+
+
+def test_the_documented_check_config_output_is_what_it_prints():
+    # docs/configuration.md shows check-config on examples/demo.toml; a changed default,
+    # example or summary line must change the page too (its fingerprint went stale before).
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    command = "$ prompt-cache-exporter check-config --config examples/demo.toml\n"
+    shown = docs.split(command, 1)[1].split("$ echo $?", 1)[0]
+    status, text = check_config(ROOT / "examples" / "demo.toml", env={})
+    assert status == 0
+    assert shown == text + "\n"
