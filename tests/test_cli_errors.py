@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from exporter.clock import SystemClock
 from exporter.store import Store
 from tests.simulator_process import SimProcess, simulator
+from tests.stream_lines import Lines
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
 PROVIDER = """
@@ -197,8 +197,11 @@ def _quiet_broken_pipe(proc: subprocess.CompletedProcess[str]) -> None:
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 
-def _interrupt(args: list[str], *, after: str, timeout: float = 30) -> tuple[int, str, str]:
-    """Start the CLI, send SIGINT once ``after`` shows on stdout, return (status, out, err)."""
+def _interrupt(
+    args: list[str], *, after: str, on_stderr: bool = False, timeout: float = 30
+) -> tuple[int, str, str]:
+    """Start the CLI, send SIGINT once ``after`` shows (on stdout, or stderr), and return
+    (status, stdout, stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter", *args],
         stdout=subprocess.PIPE,
@@ -210,16 +213,12 @@ def _interrupt(args: list[str], *, after: str, timeout: float = 30) -> tuple[int
     )
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        seen = ""
-        while after not in seen:
-            assert time.monotonic() < deadline, seen
-            line = proc.stdout.readline()
-            assert line, f"exited {proc.wait()} before {after!r}: {seen}"
-            seen += line
+        assert proc.stderr is not None
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        (err if on_stderr else out).until(after, timeout)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, seen + out, err
+        status = proc.wait(timeout)
+        return status, "".join(out.rest(timeout)), "".join(err.rest(timeout))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -247,31 +246,10 @@ def test_ctrl_c_stops_the_simulator_cleanly() -> None:
 
 
 def test_ctrl_c_stops_the_exporter_gracefully(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
+    status, _, err = _interrupt(
+        ["run", "--config", str(_config(tmp_path))], after="serving on", on_stderr=True
     )
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        seen = ""
-        while "serving on" not in seen:
-            assert time.monotonic() < deadline, seen
-            line = proc.stderr.readline()
-            assert line, seen
-            seen += line
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # SIGINT is the daemon's documented stop signal: a graceful exit 0.
-    assert proc.returncode == 0, err
+    assert status == 0, err
     assert "Traceback" not in err
     assert "received SIGINT: stopping" in err

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pty
-import queue
 import re
 import select
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import anyio
 import pytest
@@ -23,6 +20,7 @@ import pytest
 from exporter.simulator.config import SimConfig
 from exporter.simulator.server import serve_simulator
 from tests.simulator_process import SimProcess, simulator
+from tests.stream_lines import Lines
 
 pytestmark = pytest.mark.anyio
 
@@ -178,35 +176,6 @@ def _assert_no_secret(
 # -- live progress ----------------------------------------------------------------------------
 
 
-class _Lines:
-    """Lines of a child's stream as they arrive, read by a thread so every wait is bounded."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.seen: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def until(self, needle: str, timeout: float = 30) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while not any(needle in line for line in self.seen):
-            left = deadline - time.monotonic()
-            assert left > 0, f"{needle!r} not seen in {self.seen}"
-            line = self._queue.get(timeout=left)
-            assert line is not None, f"stream ended before {needle!r}: {self.seen}"
-            self.seen.append(line)
-        return self.seen
-
-    def rest(self, timeout: float = 30) -> list[str]:
-        while (line := self._queue.get(timeout=timeout)) is not None:
-            self.seen.append(line)
-        return self.seen
-
-
 def _rows(lines: list[str]) -> list[str]:
     """The request labels of the evidence rows among ``lines``, in order."""
     return [
@@ -240,7 +209,7 @@ def test_ttl_rows_show_while_the_probe_still_waits(sim_process: SimProcess, tmp_
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        out = _Lines(proc.stdout)
+        out = Lines(proc.stdout)
         early = list(out.until("waiting"))
         # Both primes and the 1 s repeat are on screen, the 8 s repeat is not sent yet, and
         # the line says what the probe waits for and how long.
