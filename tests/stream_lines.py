@@ -20,16 +20,21 @@ class Lines:
             self._queue.put(line)
         self._queue.put(None)
 
+    def _next(self, deadline: float, waiting_for: str) -> str | None:
+        """The next line (None: the stream ended), failing once ``deadline`` passes."""
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{waiting_for}: {self.seen}"
+            try:
+                return self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+
     def until(self, needle: str, timeout: float = 30) -> list[str]:
         """Every line so far, once one contains ``needle``; fails after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while not any(needle in line for line in self.seen):
-            left = deadline - time.monotonic()
-            assert left > 0, f"{needle!r} not seen in {self.seen}"
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
+            line = self._next(deadline, f"{needle!r} not seen")
             assert line is not None, f"stream ended before {needle!r}: {self.seen}"
             self.seen.append(line)
         return self.seen
@@ -37,13 +42,6 @@ class Lines:
     def rest(self, timeout: float = 30) -> list[str]:
         """Every line, once the stream has ended; fails after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"the stream did not end: {self.seen}"
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                return self.seen
+        while (line := self._next(deadline, "the stream did not end")) is not None:
             self.seen.append(line)
+        return self.seen
