@@ -140,16 +140,17 @@ def test_demo_with_prometheus_and_alertmanager(tmp_path: Path, demo_runs: list[D
         log = Path(env["PCE_DEMO_DIR"]) / "notifications.log"
         return log.exists() and "firing Watchdog" in log.read_text()
 
+    def exporter_up() -> bool:
+        query = {"query": 'up{job="prompt-cache-exporter"}'}
+        result = httpx.get(prometheus + "/api/v1/query", params=query).json()["data"]["result"]
+        return [float(r["value"][1]) for r in result] == [1.0]
+
     # Prometheus scrapes the exporter, evaluates the rules and Alertmanager routes the
     # always-firing Watchdog to the heartbeat receiver: the whole alert path works.
     deadline = time.monotonic() + 90
-    while not watchdog_delivered():
+    while not (watchdog_delivered() and exporter_up()):
         assert time.monotonic() < deadline, demo.text()
         time.sleep(1)
-    up = httpx.get(
-        prometheus + "/api/v1/query", params={"query": 'up{job="prompt-cache-exporter"}'}
-    ).json()["data"]["result"]
-    assert [float(r["value"][1]) for r in up] == [1.0]
 
     assert demo.ctrl_c() == 0
     assert demo.text().rstrip().endswith("demo stopped")
