@@ -175,11 +175,10 @@ async def test_history_into_a_closed_pipe(tmp_path: Path) -> None:
     _quiet_broken_pipe(proc)
 
 
-def test_probe_into_a_closed_pipe_sends_nothing(sim: SimProcess) -> None:
+def test_probe_into_a_closed_pipe_sends_nothing(sim: SimProcess, tmp_path: Path) -> None:
     before = sim.chat_requests()
-    proc = _cli(
-        "probe", "--base-url", sim.base_url, "--model", "sim-cache-ok", stdout=_closed_pipe()
-    )
+    probe = ["probe", "--base-url", sim.base_url, "--model", "sim-cache-ok"]
+    proc = _cli(*probe, "--evidence-dir", str(tmp_path), stdout=_closed_pipe())
     # One line: the warning that no key is set (the simulator needs none), then silence.
     assert proc.stderr.startswith("warning: PCE_API_KEY is not set"), proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
@@ -225,8 +224,9 @@ def _interrupt(
             proc.wait()
 
 
-def test_ctrl_c_during_a_probe(sim: SimProcess) -> None:
+def test_ctrl_c_during_a_probe(sim: SimProcess, tmp_path: Path) -> None:
     probe = ["probe", "--base-url", sim.base_url, "--model", "sim-cache-ok", "--probe", "ttl"]
+    probe += ["--evidence-dir", str(tmp_path)]
     # Interrupted while it waits out the delay, after the prime's row has been shown.
     status, out, err = _interrupt([*probe, "--ttl-delays", "30s"], after="waiting 30")
     assert status == EXIT_INTERRUPTED

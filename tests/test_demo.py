@@ -67,8 +67,15 @@ class Demo:
         os.killpg(self.proc.pid, signal.SIGINT)
         return self.proc.wait(timeout)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
+    def stop(self) -> None:
+        """After a failed test: SIGTERM, so the demo stops what it started (each child runs
+        in its own session and would outlive a killed demo), SIGKILL only as a last resort."""
+        if self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
@@ -78,7 +85,7 @@ def demo_runs(tmp_path: Path) -> Iterator[list[Demo]]:
     started: list[Demo] = []
     yield started
     for demo in started:
-        demo.kill()
+        demo.stop()
 
 
 def _listening(port: int) -> bool:
