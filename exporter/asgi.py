@@ -8,6 +8,7 @@ own shutdown through ``close()``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -18,6 +19,16 @@ from typing import Any
 
 import anyio
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+# Connections held open at once; beyond it the oldest idle one is closed to make room, so a
+# flood of idle sockets cannot starve scrapes of file descriptors (or of a slot).
+DEFAULT_MAX_CONNECTIONS = 256
+# A connection must deliver a complete request head this soon after it opens or after its
+# previous response; otherwise it is closed (slowloris, and sockets that never send at all).
+DEFAULT_HEADER_TIMEOUT = 10.0
+# Identical log records repeated within this window are summarised instead of printed.
+LOG_REPEAT_WINDOW = 60.0
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -25,6 +36,110 @@ class _EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         # The application owns SIGTERM/SIGINT/SIGHUP; uvicorn must not take them over.
         yield
+
+
+class _Guard:
+    """The connections of one server, oldest first, for the limit and the header timeout."""
+
+    def __init__(self, max_connections: int, header_timeout: float) -> None:
+        self.max_connections = max(1, max_connections)
+        self.header_timeout = header_timeout
+        self.open: dict[_GuardedH11, None] = {}  # insertion order = age
+        self.evicted = 0
+
+
+def _guarded_protocol(guard: _Guard) -> type[H11Protocol]:
+    class Guarded(_GuardedH11):
+        pass
+
+    Guarded.guard = guard
+    return Guarded
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a connection limit and a request-head deadline."""
+
+    guard: _Guard
+    _waiting_cycle: object = None
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.guard
+        if len(guard.open) >= guard.max_connections:
+            idle = next((c for c in guard.open if not c._busy()), None)
+            if idle is None:  # every slot is serving a request: this one waits for none
+                transport.close()
+                return
+            guard.evicted += 1
+            idle._close()
+        guard.open[self] = None
+        self._await_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.open.pop(self, None)
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_request()
+
+    def _busy(self) -> bool:
+        cycle: Any = self.cycle  # None before the first request head (uvicorn types it as set)
+        return cycle is not None and not cycle.response_complete
+
+    def _await_request(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._waiting_cycle = self.cycle
+        self._timer = self.loop.call_later(self.guard.header_timeout, self._check_request)
+
+    def _check_request(self) -> None:
+        # No new request head arrived since we started waiting, and none is being served.
+        if self.cycle is self._waiting_cycle and not self._busy():
+            self._close()
+
+    def _close(self) -> None:
+        self.guard.open.pop(self, None)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first of identical records (same logger, level and message template) through
+    per window; the next one after the window says how many were suppressed."""
+
+    def __init__(self, window: float = LOG_REPEAT_WINDOW) -> None:
+        super().__init__()
+        self.window = window
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        first, suppressed = self._seen.get(key, (0.0, 0))
+        if record.created - first < self.window:
+            self._seen[key] = (first, suppressed + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: forget the oldest half
+            for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
+                del self._seen[old]
+        self._seen[key] = (record.created, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} identical messages suppressed)"
+        return True
+
+
+_REPEAT_FILTER = RepeatFilter()
+
+
+def limit_repeated_logs(*names: str) -> None:
+    """Rate-limit identical records of these loggers (idempotent)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if _REPEAT_FILTER not in logger.filters:
+            logger.addFilter(_REPEAT_FILTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +178,13 @@ async def serve_asgi(
     ssl_context: ssl.SSLContext | None = None,
     access_log: bool = False,
     graceful_timeout: float = 5.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> AsyncIterator[BoundAddress]:
     """Serve ``app`` until the context exits; yields the address actually bound."""
+    # An accept loop out of descriptors, a client resetting mid-request: the same line
+    # thousands of times a second would fill the disk, so each is printed once a minute.
+    limit_repeated_logs("asyncio", "uvicorn.error", "exporter.server", "exporter.webconfig")
     sock = bind_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -75,6 +195,7 @@ async def serve_asgi(
         timeout_graceful_shutdown=int(graceful_timeout) or 1,
         # Our handlers set their own headers; the Server header advertises nothing useful.
         server_header=False,
+        http=_guarded_protocol(_Guard(max_connections, header_timeout)),
     )
     if ssl_context is not None:
         # uvicorn builds its own context from file names; we supply ours directly.

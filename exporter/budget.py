@@ -163,7 +163,8 @@ class Budget:
             previous = self._denied.get(provider)
             self._denied[provider] = (windows, tokens, nanousd)
             if previous is None or previous[0] != windows:  # once per window, not per probe
-                log.info(
+                # DEBUG: the recorder logs the pause this causes, once (one line per episode).
+                log.debug(
                     "budget: %s: reservation of %d tokens / %.6f USD denied: a limit would be "
                     "exceeded; probes wait for room or the next window",
                     provider,
@@ -190,8 +191,13 @@ class Budget:
         _check_amounts(tokens or 0, usd or 0.0)
         if reservation.id is None:
             return
-        if (tokens is not None and tokens > reservation.tokens) or (
-            usd is not None and usd > reservation.usd
+        # Only a limited unit can be overrun (a token budget reserves no USD, and the other
+        # way round).
+        limits = self._limits.get(reservation.provider, UNLIMITED)
+        token_limited = bool(limits.daily_tokens or limits.monthly_tokens)
+        usd_limited = bool(limits.daily_usd or limits.monthly_usd)
+        if (token_limited and tokens is not None and tokens > reservation.tokens) or (
+            usd_limited and usd is not None and usd > reservation.usd
         ):
             log.warning(
                 "budget: %s used more than it reserved (%s tokens / %s USD reserved, %s / %s "
@@ -208,14 +214,50 @@ class Budget:
             self._remember(totals)
 
     def would_fit(self, provider: str, tokens: int, usd: float) -> bool:
-        """In-memory pre-check (no I/O): would a reservation of this size pass now, as far
-        as this process knows? ``reserve`` still decides."""
+        """In-memory check (no I/O): would a reservation of this size pass now, as far as
+        this process knows? ``reserve`` still decides. Changes nothing."""
         _check_amounts(tokens, usd)
         limits = self._limits.get(provider, UNLIMITED).ledger_limits()
         if limits.unlimited:
             return True
         totals = self._current(provider, utc_windows(self._clock.time()))
         return limits.admits(totals, tokens, usd_to_nano(usd, rounding=ROUND_CEILING))
+
+    def admit(self, provider: str, tokens: int, usd: float) -> bool:
+        """The scheduler's pre-check before a probe run (no I/O): ``would_fit``, and a run
+        that does not fit counts as a denial, exactly like a denied reservation: the provider
+        is ``exhausted`` until room appears or the window rolls over."""
+        if self.would_fit(provider, tokens, usd):
+            return True
+        windows = utc_windows(self._clock.time())
+        self._denied[provider] = (windows, tokens, usd_to_nano(usd, rounding=ROUND_CEILING))
+        return False
+
+    def could_ever_fit(self, provider: str, tokens: int, usd: float) -> bool:
+        """Whether this much fits in an empty window at all (no I/O)."""
+        _check_amounts(tokens, usd)
+        limits = self._limits.get(provider, UNLIMITED).ledger_limits()
+        windows = utc_windows(self._clock.time())
+        empty = LedgerTotals(
+            provider, WindowTotals(windows.day_start), WindowTotals(windows.month_start)
+        )
+        return limits.admits(empty, tokens, usd_to_nano(usd, rounding=ROUND_CEILING))
+
+    def exhausted(self, provider: str) -> bool:
+        """Whether the next probe of ``provider`` is known not to fit (see ``snapshot``)."""
+        snap = self.snapshot().get(provider)
+        return bool(snap and snap.exhausted)
+
+    def next_window(self) -> float:
+        """When the current UTC day ends: the earliest moment a full budget can have room."""
+        return float(utc_windows(self._clock.time()).day_end)
+
+    def limited(self, provider: str) -> bool:
+        return not self._limits.get(provider, UNLIMITED).ledger_limits().unlimited
+
+    def usd_limited(self, provider: str) -> bool:
+        limits = self._limits.get(provider, UNLIMITED)
+        return bool(limits.daily_usd or limits.monthly_usd)
 
     def snapshot(self) -> dict[str, BudgetSnapshot]:
         """Limits and use of the current windows, per provider: pure in-memory read."""

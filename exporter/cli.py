@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import anyio
 
 from exporter import __version__
-from exporter.exits import run_command
+from exporter.exits import EXIT_USAGE, run_command
 
 
 def _configure_logging(level: str) -> None:
@@ -26,6 +26,7 @@ def _configure_logging(level: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from exporter import probe_cli
+    from exporter.cli_args import KEY_HELP
     from exporter.simulator import cli as simulator_cli
 
     parser = argparse.ArgumentParser(
@@ -47,12 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run probes once against one model and print the evidence",
         description="The cache microscope: run probes once against one model, print every "
         "request's tokens, cached tokens and timings, and curl commands that replay them. "
-        "The key is read from PCE_API_KEY, else from the API's own variable: VENICE_API_KEY, "
-        "ANTHROPIC_API_KEY, or for OpenAI-compatible URLs only a known host's variable "
-        "(OPENAI_API_KEY for api.openai.com, DEEPSEEK_API_KEY for api.deepseek.com, ...); "
-        "other hosts get no key unless PCE_API_KEY is set. "
-        "Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no verdict, "
-        "130 interrupted.",
+        f"{KEY_HELP} Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no "
+        "verdict, 130 interrupted, 141 output closed.",
     )
     probe_cli.add_arguments(probe)
 
@@ -80,17 +77,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     from exporter import history_cli
 
-    history = sub.add_parser("history", help="export recorded probe runs as CSV or JSON")
+    history = sub.add_parser(
+        "history", help="export recorded probe runs as CSV, JSON, text or an HTML report"
+    )
     history_cli.add_arguments(history)
+
+    from exporter.loadtest import cli as loadtest_cli
+
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="bounded load against one model: does caching hold under load?",
+        description="Send -n requests at concurrency -c, each with the run's shared prefix and "
+        "its own suffix, and report latency and time to first token cold vs warm, the hit "
+        "ratio under load, statuses, errors and 429s. The estimated cost is printed first, "
+        f"and a run over --max-total-tokens is refused before anything is sent. {KEY_HELP} "
+        "Exit status: 0 caching held, 1 it did not, 2 usage error or refused by the cap, 3 no "
+        "verdict, 130 interrupted, 141 output closed.",
+    )
+    loadtest_cli.add_arguments(loadtest)
     return parser
 
 
 def check_config(path: str | None) -> int:
-    """Validate the configuration and the web config file it names (TLS, basic auth)."""
+    """Validate the configuration and the web config file it names (TLS, basic auth), and
+    say what the schedule will cost."""
     from exporter.config import ConfigError, check_config_command, load_config
+    from exporter.forecast import ConfigForecast
     from exporter.webconfig import WebConfigError, load_web_config
 
-    status = check_config_command(path)
+    status = check_config_command(path, forecast=ConfigForecast)
     if status != 0:
         return status
     try:
@@ -99,7 +114,7 @@ def check_config(path: str | None) -> int:
             load_web_config(web_config)
     except (ConfigError, WebConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 
@@ -130,4 +145,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:  # noqa: RET503 - parser.error
         from exporter import history_cli
 
         return anyio.run(history_cli.run, args)
+    if args.command == "loadtest":
+        from exporter.loadtest import cli as loadtest_cli
+
+        return anyio.run(loadtest_cli.run, args)
     parser.error(f"unknown command {args.command!r}")  # exits with status 2

@@ -92,14 +92,26 @@ class VirtualClock:
     def sleepers(self) -> int:
         return len(self._sleepers)
 
+    @property
+    def next_deadline(self) -> float | None:
+        """When the earliest sleeper wakes (None: nobody sleeps), for drivers that jump
+        from one event to the next."""
+        return self._sleepers[0][0] if self._sleepers else None
+
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
         self._seq += 1
-        heapq.heappush(self._sleepers, (self._now + seconds, self._seq, event))
-        await event.wait()
+        entry = (self._now + seconds, self._seq, event)
+        heapq.heappush(self._sleepers, entry)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled: nobody waits for this deadline any more
+                self._sleepers.remove(entry)
+                heapq.heapify(self._sleepers)
 
     async def settle(self) -> None:
         """Let every runnable task run until it blocks again."""

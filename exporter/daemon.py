@@ -1,11 +1,13 @@
 """``prompt-cache-exporter run``: the long-running exporter.
 
 Start-up: load the configuration (a bad one exits 2 with one line), open the store, restore
-verdicts, failure state, balances and reliability so /metrics shows them before the first
-new probe, then serve HTTP and schedule probes. SIGHUP and ``POST /-/reload`` reload the
-configuration (a bad file keeps the old one and sets the reload gauge to 0). SIGTERM and
-SIGINT stop scheduling, give running probes ``scheduler.shutdown_grace`` to finish, cancel
-the rest, flush the store and exit 0.
+verdicts, failure state, balances (with the pause they imply) and reliability so /metrics
+shows them before the first new probe, then serve HTTP and schedule probes. SIGHUP and
+``POST /-/reload`` reload the configuration, one at a time, read off the event loop (a bad
+file keeps the old one and sets the reload gauge to 0; the answer names the keys, never their
+values); settings read only at start (``RESTART_SETTINGS``) are reported as needing a restart.
+SIGTERM and SIGINT stop scheduling, give running probes ``scheduler.shutdown_grace`` to
+finish, cancel the rest, flush the store and exit 0.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import httpx
 
 from exporter import __version__
 from exporter.budget import Budget
-from exporter.clock import Clock, SystemClock
+from exporter.clock import SystemClock
 from exporter.config import Config, ConfigError, load_config
 from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since, listen_error
 from exporter.memtrim import configure_allocator
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.probes import PROBE_NAMES
-from exporter.reliability import reliability_score
+from exporter.recorder import Recorder
 from exporter.runtime import budget_limits
-from exporter.scheduler import Restored, Scheduler
+from exporter.scheduler import Scheduler
 from exporter.server import DependencyStatus, Readiness, create_app, serve
 from exporter.state import State
 from exporter.store import Store, StoreError
@@ -39,34 +41,18 @@ from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = EXIT_USAGE
+# Settings read once at start: a reload that changes them says so instead of ignoring them.
+RESTART_SETTINGS = ("server.listen", "server.web_config_file", "storage.path")
 
 
-async def restore(state: State, store: Store, config: Config, clock: Clock) -> Restored:
-    """Put the last known results back into memory; return what the scheduler needs."""
-    restored = Restored()
-    configured = {p.name for p in config.providers}
-    for result in await store.latest_results():
-        if result.provider not in configured:
-            continue
-        state.observe_result(result, restored=True)
-        restored.last_started[(result.provider, result.model, result.probe)] = result.started_at
-    for (provider, model), saved in (await store.load_model_states()).items():
-        if provider in configured:
-            cooldown_until = saved.cooldown_until or 0.0
-            restored.model_states[(provider, model)] = (
-                saved.consecutive_failures,
-                saved.consecutive_successes,
-                cooldown_until,
-            )
-            state.record_failures(provider, model, saved.consecutive_failures, cooldown_until)
-    for (provider, currency), (amount, _) in (await store.latest_balances()).items():
-        if provider in configured:
-            state.set_balance(provider, currency, amount)
-    since = clock.time() - config.scheduler.reliability_window
-    for (provider, model), stats in (await store.reliability_stats(since=since)).items():
-        if provider in configured:
-            state.set_reliability(provider, model, reliability_score(stats))
-    return restored
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The RESTART_SETTINGS that differ between ``old`` and ``new``."""
+    changed = []
+    for dotted in RESTART_SETTINGS:
+        section, key = dotted.split(".")
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
+            changed.append(dotted)
+    return changed
 
 
 class Daemon:
@@ -75,35 +61,57 @@ class Daemon:
         self.env = env
         self.clock = SystemClock()
         self.state = State()
+        self.config: Config | None = None
+        self.recorder: Recorder | None = None
         self.scheduler: Scheduler | None = None
         self.store: Store | None = None
         self.web: WebConfigSource | None = None
+        # SIGHUP and POST /-/reload: one reload at a time, each applied completely.
+        self._reload_lock = anyio.Lock()
+
+    def _load(self) -> Config:
+        return load_config(self.config_path, env=self.env)
 
     async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration; (ok, message). The message never quotes the file's
+        values: it goes back to whoever asked for the reload."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> tuple[bool, str]:
         try:
-            config = load_config(self.config_path, env=self.env)
+            # Off the event loop: probes are measuring latencies meanwhile.
+            config = await anyio.to_thread.run_sync(self._load)
             if self.web is not None:
                 # Credentials and certificates are re-read too (they also reload on change).
-                self.web.reload()
+                await anyio.to_thread.run_sync(self.web.reload)
         except (ConfigError, WebConfigError) as exc:
             log.error("configuration reload failed, keeping the previous one: %s", exc)
-            self.state.set_reload(False, self.clock.time())
-            return False, str(exc)
+            if self.recorder is not None:
+                self.recorder.reload_result(False)
+            public = exc.public if isinstance(exc, ConfigError) else ConfigError(str(exc)).public
+            return False, public
+        restart = needs_restart(self.config, config) if self.config is not None else []
+        self.config = config
         if self.scheduler is not None:
-            for provider in config.providers:
-                self.state.configure_provider(
-                    provider.name,
-                    probes=config.probes.enabled_for(provider),
-                    intervals={
-                        p: config.probes.get(p).interval
-                        for p in config.probes.enabled_for(provider)
-                    },
-                )
             self.scheduler.apply(config)
         logging.getLogger().setLevel(config.log_level.upper())
-        self.state.set_reload(True, self.clock.time())
+        if self.recorder is not None:
+            self.recorder.reload_result(True)
+        if restart:
+            message = (
+                f"configuration reloaded; {', '.join(restart)} changed and takes effect only "
+                "after a restart (the running exporter keeps the previous value)"
+            )
+            log.warning("%s", message)
+            return True, message
         log.info("configuration reloaded")
         return True, "ok"
+
+    def _store_error(self, operation: str) -> None:
+        # The recorder exists before the first operation after Store.open (which raises).
+        if self.recorder is not None:
+            self.recorder.store_error(operation)
 
     def readiness(self) -> Readiness:
         store = self.store
@@ -121,7 +129,7 @@ class Daemon:
 
     async def run(self) -> int:
         try:
-            config = load_config(self.config_path, env=self.env)
+            config = self._load()
             web = None
             if config.server.web_config_file is not None:
                 web = WebConfigSource(load_web_config(config.server.web_config_file))
@@ -129,11 +137,12 @@ class Daemon:
         except (ConfigError, WebConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        self.config = config
         logging.getLogger().setLevel(config.log_level.upper())
         threads = set(threading.enumerate())
         try:
             self.store = await Store.open(
-                config.storage.path, clock=self.clock, on_error=self.state.store_error
+                config.storage.path, clock=self.clock, on_error=self._store_error
             )
         except (StoreError, OSError) as exc:
             await join_threads_started_since(threads)
@@ -142,16 +151,16 @@ class Daemon:
         store = self.store
         try:
             budget = Budget(store, {p.name: budget_limits(p) for p in config.providers}, self.clock)
+            recorder = Recorder(self.state, store, budget, self.clock, config)
+            self.recorder = recorder
             await budget.load()
-            self.state.set_budgets(budget.snapshot())
-            restored = await restore(self.state, store, config, self.clock)
-            self.state.set_reload(True, self.clock.time())
+            restored = await recorder.restore()
+            recorder.reload_result(True)
             registry = build_registry(ExporterCollector(self.state, now=self.clock.time))
             async with httpx.AsyncClient(follow_redirects=False) as client:
                 self.scheduler = Scheduler(
                     config,
-                    state=self.state,
-                    store=store,
+                    recorder=recorder,
                     budget=budget,
                     clock=self.clock,
                     client=client,
@@ -172,7 +181,7 @@ class Daemon:
                 try:
                     async with serve(app, host=host, port=port, web_config=web) as address:
                         listening = True
-                        await self._supervise(config, address.url)
+                        await self._supervise(address.url)
                 except OSError as exc:
                     if listening:
                         raise
@@ -186,7 +195,7 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    async def _supervise(self, config: Config, url: str) -> None:
+    async def _supervise(self, url: str) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
         async with anyio.create_task_group() as tg:

@@ -17,9 +17,12 @@ from typing import Final, TextIO
 
 import anyio.to_thread
 
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1  # the command could not do its job (e.g. the store cannot be opened)
+EXIT_OK: Final = 0  # probe, loadtest: caching works
+# The command could not do its job (the store cannot be opened); probe, loadtest: caching
+# does not work.
+EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2  # bad arguments or configuration, or the listen address is taken
+EXIT_NO_VERDICT: Final = 3  # probe, loadtest: no cache fields reported, or requests failed
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE
 

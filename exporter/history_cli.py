@@ -1,40 +1,23 @@
-"""``prompt-cache-exporter history``: export recorded probe runs as CSV or JSON."""
+"""``prompt-cache-exporter history``: export recorded probe runs as CSV, JSON, text or HTML.
+
+The formats are rendered by ``exporter.reports``; HTML is one self-contained report of the
+selected provider, model and time range (verdicts, a cold-vs-warm TTFT chart, evidence).
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import threading
 from typing import TextIO
 
+from exporter import reports
 from exporter.clock import SystemClock
 from exporter.config import ConfigError, load_config
 from exporter.durations import parse_duration
 from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since
 from exporter.probes import PROBE_NAMES
-from exporter.server import run_to_json
 from exporter.store import Store, StoreError
-
-COLUMNS = (
-    "time",
-    "provider",
-    "model",
-    "probe",
-    "verdict",
-    "caching_works",
-    "hit_ratio",
-    "prompt_tokens",
-    "cached_tokens",
-    "request_count",
-    "cold_ttft_seconds",
-    "warm_ttft_seconds",
-    "duration_seconds",
-    "error_type",
-    "error",
-    "run_id",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", choices=PROBE_NAMES)
     parser.add_argument("--since", help="only runs newer than this duration, e.g. 24h")
     parser.add_argument("--limit", type=int, default=100, help="at most this many (1..1000)")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    reports.add_format_arguments(parser, default="csv")
 
 
 async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
@@ -56,6 +39,7 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             since = SystemClock().time() - parse_duration(args.since)
         if not 1 <= args.limit <= 1000:
             raise ValueError("--limit: must be between 1 and 1000")
+        output = reports.check_output(args.output)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -76,12 +60,7 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         await join_threads_started_since(threads)
         print(f"error: storage.path: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    rows = [run_to_json(r) for r in runs]
-    if args.format == "json":
-        json.dump({"runs": rows}, out, indent=2)
-        out.write("\n")
-    else:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    query = reports.HistoryQuery(args.provider, args.model, args.probe, since, args.limit)
+    report = reports.HistoryReport(reports.ReportInfo(SystemClock().time()), runs, query)
+    reports.write_report(reports.render_history(args.format, report), output, out)
     return 0

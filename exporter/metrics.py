@@ -86,8 +86,9 @@ class ExporterCollector(Collector):
         )
         ratio = GaugeMetricFamily(
             "llmcache_hit_ratio",
-            "Cached share of the warm requests (partial: of the shared prefix; persistence "
-            "and ttl: fraction of warm requests that hit)." + LAST_PROBE,
+            "Run-specific cached share of the warm requests, shared template tokens not "
+            "counted (partial: of the shared prefix; persistence and ttl: fraction of warm "
+            "requests that hit)." + LAST_PROBE,
             labels=(*PMP, "size"),
         )
         ttl_hit = GaugeMetricFamily(
@@ -192,11 +193,15 @@ class ExporterCollector(Collector):
                 labels=PM,
             ),
             "warm_hits": CounterMetricFamily(
-                "llmcache_warm_request_hits", "Warm requests that hit the cache.", labels=PM
+                "llmcache_warm_request_hits",
+                "Warm requests whose own prompt was served from cache (beyond the shared "
+                "template tokens).",
+                labels=PM,
             ),
             "pollution": CounterMetricFamily(
                 "llmcache_cache_pollution",
-                "Cold requests (unique run id first) that nevertheless reported cached tokens.",
+                "Runs whose cold request (unique run id first) reported cached tokens beyond "
+                "the shared baseline.",
                 labels=PM,
             ),
         }
@@ -264,6 +269,12 @@ class ExporterCollector(Collector):
             "1 while the model is in cooldown after repeated failures.",
             labels=PM,
         )
+        unpriced = GaugeMetricFamily(
+            "llmcache_model_unpriced",
+            "1 while the model is not probed because its provider has a USD budget and the "
+            "model has no price.",
+            labels=PM,
+        )
         reporting = GaugeMetricFamily(
             "llmcache_cache_reporting_supported",
             "1 if the API reported cache fields, 0 if it reported none (not reported is not "
@@ -276,9 +287,10 @@ class ExporterCollector(Collector):
                 reliability.add_metric(base, m.reliability)
             failures.add_metric(base, float(m.consecutive_failures))
             cooldown.add_metric(base, 1.0 if m.cooldown_until > now else 0.0)
+            unpriced.add_metric(base, 1.0 if m.unpriced else 0.0)
             if m.cache_reporting is not None:
                 reporting.add_metric(base, 1.0 if m.cache_reporting else 0.0)
-        yield from (reliability, failures, cooldown, reporting)
+        yield from (reliability, failures, cooldown, unpriced, reporting)
 
     # -- providers -------------------------------------------------------------------------------
 
@@ -328,6 +340,13 @@ class ExporterCollector(Collector):
             "Spend in the current UTC window: settled requests plus open reservations.",
             labels=("provider", "window", "unit"),
         )
+        forecast = GaugeMetricFamily(
+            "llmcache_budget_forecast",
+            "What the configured schedule is expected to cost per UTC day (unit tokens: "
+            "prompt and completion, as budgets count; prompt_tokens; usd where prices are "
+            "known), from the probes' own cost estimates.",
+            labels=("provider", "window", "unit"),
+        )
         exhausted = GaugeMetricFamily(
             "llmcache_budget_exhausted",
             "1 while the next probe would exceed a budget.",
@@ -346,6 +365,8 @@ class ExporterCollector(Collector):
             for reason, flag in sorted(p.paused.items()):
                 paused.add_metric([p.name, reason], 1.0 if flag else 0.0)
             models.add_metric([p.name], float(p.models))
+            for unit, amount in sorted(p.forecast.items()):
+                forecast.add_metric([p.name, "day", unit], amount)
             snap = budgets.get(p.name)
             if snap is not None:
                 for usage in snap.usage:
@@ -357,7 +378,7 @@ class ExporterCollector(Collector):
             else:
                 exhausted.add_metric([p.name], 0.0)
         yield from (interval, duration, cycle, balance, ratelimit, paused, models)
-        yield from (limit, used, exhausted)
+        yield from (limit, used, forecast, exhausted)
 
     # -- the exporter itself -------------------------------------------------------------------
 

@@ -8,19 +8,26 @@ computed per request from the tokens the provider reported:
                + completion × output) / 1e6
     savings = cached × (input − cache_read) / 1e6
 
-where uncached = prompt − cached − written. A model without any price falls back to the
-cost the provider reported itself (Venice's ``cost.usd``), with no savings figure.
+where uncached = prompt − cached − written. Where the provider reports what it charged
+(Venice ``cost: {usd, diem}``, OpenRouter ``usage.cost``), that figure is the spend: it is what
+was billed, so the budget ledger is settled with it too. Venice splits a charge between USD
+and DIEM, and one DIEM buys one USD of list-price compute, so its charge in USD is
+``usd + diem``. Savings always come from the price table (none without a price).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from exporter.results import ModelPrice, RequestRecord, Usage
 
 PRICE_SOURCES = ("config", "provider", "none")
+# USD of list-price compute one DIEM pays for (Venice: "1 DIEM = $1 of compute per day").
+USD_PER_DIEM: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,22 +71,40 @@ def cost_of(price: ModelPrice, usage: Usage) -> tuple[float, float]:
     return spend, savings
 
 
+def reported_usd(cost: Mapping[str, float]) -> float | None:
+    """What the provider says it charged, in USD; None when it reported no charge."""
+    if "usd" not in cost and "diem" not in cost:
+        return None
+    return float(cost.get("usd", 0.0)) + float(cost.get("diem", 0.0)) * USD_PER_DIEM
+
+
+def charged_usd(price: ModelPrice | None, usage: Usage, cost: Mapping[str, float]) -> float:
+    """One request's spend: the provider's own figure, else the price table's, else 0."""
+    reported = reported_usd(cost)
+    if reported is not None:
+        return reported
+    return cost_of(price, usage)[0] if price is not None else 0.0
+
+
 def request_cost(info: PriceInfo, record: RequestRecord) -> tuple[float, float]:
-    """(spend, savings) in USD for one successful request's evidence."""
-    if info.price is None:
-        return float(record.cost.get("usd", 0.0)), 0.0
+    """(spend, savings) in USD for one request's evidence (0, 0 if it was not answered)."""
+    if not record.ok or not record.attempts:
+        return 0.0, 0.0
     usage = Usage(
         record.prompt_tokens or 0,
         record.cached_tokens,
         record.cache_write_tokens,
         record.completion_tokens or 0,
     )
-    return cost_of(info.price, usage)
+    savings = cost_of(info.price, usage)[1] if info.price is not None else 0.0
+    return charged_usd(info.price, usage, record.cost), savings
 
 
-def max_price_per_token(price: ModelPrice | None) -> float:
-    """The dearest USD per token of a model: a spend reservation's upper bound per token."""
+def reservation_usd(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> float:
+    """An upper bound of what a request with at most these token counts can cost: prompt
+    tokens at the dearest prompt rate (input, cache read or cache write), completions at the
+    output rate."""
     if price is None:
         return 0.0
-    rates = [price.input, price.output, price.cache_read or 0.0, price.cache_write or 0.0]
-    return max(rates) / 1e6
+    prompt_rate = max(price.input, price.cache_read or 0.0, price.cache_write or 0.0)
+    return (prompt_tokens * prompt_rate + completion_tokens * price.output) / 1e6

@@ -2,8 +2,10 @@
 
 A ttl probe with minute-long delays, or a request backing off after a 429, would otherwise
 leave the terminal blank. Waits are announced through the Clock the probe and the transport
-already take (``ProgressClock``), so neither needs to know that anyone is watching. On a
+already take (``ProgressClock``), so neither needs to know that anyone is watching; the
+transport only says beforehand why it is about to wait (``Transport(on_wait=...)``). On a
 terminal a wait is a countdown that is erased when it ends; elsewhere it is one plain line.
+The rows and findings are those of the text report (``exporter.reports.text``).
 
 If the reader of the output goes away (``probe | head``), the probes are cancelled: nothing
 more is worth paying for.
@@ -20,7 +22,10 @@ import anyio
 
 from exporter.clock import Clock
 from exporter.durations import format_duration
-from exporter.results import RequestRecord, ResponseMeta
+from exporter.hits import ttft_witness
+from exporter.reports import text
+from exporter.results import ProbeResult, RequestRecord
+from exporter.transport import WaitReason
 
 # Shorter waits are over before a reader could act on a line about them.
 ANNOUNCE_WAITS_FROM: Final = 1.0
@@ -35,20 +40,18 @@ class Progress:
         stream: TextIO,
         *,
         clock: Clock,
-        row: Callable[[int | None, RequestRecord | None], str],
         ttl_delays: Sequence[float] = (),
     ) -> None:
         self.stream = stream
         self.scope = anyio.CancelScope()
         self.closed = False
         self._clock = clock
-        self._row = row
         self._tty = _isatty(stream)
         self._delays = sorted(set(ttl_delays))
         self._probe = ""
-        self._rows = 0
+        self._records: list[RequestRecord] = []
         self._repeats = 0
-        self._retry_after: float | None = None
+        self._retry_reason: WaitReason | None = None
 
     # -- what the probe CLI reports --------------------------------------------------------
 
@@ -56,19 +59,26 @@ class Progress:
         self._write(text + "\n")
 
     def start_probe(self, name: str) -> None:
-        self._probe, self._rows, self._repeats = name, 0, 0
-        self.line(f"\n== {name} ==")
-        self.line(self._row(None, None))
+        self._probe, self._records, self._repeats = name, [], 0
+        for heading in text.probe_heading(name):
+            self.line(heading)
 
     def request_done(self, record: RequestRecord) -> None:
-        self._rows += 1
+        self._records.append(record)
         if not record.cold:
             self._repeats += 1
-        self.line(self._row(self._rows, record))
+        # A hit is compared with the cold request before it, so its flag is final already.
+        slow = ttft_witness(self._records).no_faster[-1]
+        self.line(text.probe_row(len(self._records), record, slow))
 
-    def saw_response(self, meta: ResponseMeta) -> None:
-        """Transport hook: remembers the Retry-After of the last response."""
-        self._retry_after = meta.retry_after
+    def probe_done(self, result: ProbeResult) -> None:
+        """The findings only the whole run shows (verdict, baseline, TTFT witness, ...)."""
+        for finding in text.probe_findings(result):
+            self.line(finding)
+
+    def retry_planned(self, seconds: float, reason: WaitReason) -> None:
+        """Transport hook (``on_wait``): why the sleep that follows is taken."""
+        self._retry_reason = reason
 
     # -- waits -----------------------------------------------------------------------------
 
@@ -79,9 +89,10 @@ class Progress:
             return f"the repeat after {delay:g}s (ttl: is its prime still cached?)"
         return f"the next request of {self._probe or 'the probe'}"
 
-    def retry_wait(self, seconds: float) -> str:
+    def retry_wait(self) -> str:
         """What a transport sleep is for: a server's Retry-After, or our own backoff."""
-        if self._retry_after is not None and math.isclose(seconds, self._retry_after):
+        reason, self._retry_reason = self._retry_reason, None
+        if reason == "retry_after":
             return "the server's Retry-After (rate limited), then retrying"
         return "backoff, then retrying the failed request"
 
@@ -136,7 +147,7 @@ class ProgressClock:
 
     async def sleep(self, seconds: float) -> None:
         progress = self._progress
-        what = progress.retry_wait(seconds) if self._retries else progress.probe_wait()
+        what = progress.retry_wait() if self._retries else progress.probe_wait()
         await progress.wait(seconds, what, self._base.sleep)
 
 

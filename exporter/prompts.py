@@ -49,6 +49,8 @@ _WORDS = (  # noqa: SIM905 - a long word list reads better as prose than as 300 
 # calibrated prompt clears the minimum, little enough that the probe stays cheap
 # (prime + repeat ≈ 2.1 × the minimum in prompt tokens).
 DEFAULT_MARGIN = 1.05
+# Size of each partial-probe user message (they differ, the system prompt before them is shared).
+PARTIAL_USER_TOKENS = 48
 _SENTENCE_WORDS = (8, 16)
 
 
@@ -119,11 +121,18 @@ class PromptFactory:
 
     def upper_bound_tokens(self, key: str, prompt: Prompt) -> int:
         """A deliberately high estimate, for spend reservations that must not be exceeded."""
-        estimate = self.estimate_tokens(key, prompt)
+        return self._upper_bound(key, self.units(prompt))
+
+    def upper_bound_for(self, key: str, target_tokens: int) -> int:
+        """The same bound for a prompt not built yet, aimed at ``target_tokens`` (what a
+        probe's cost estimate lists): the scheduler's budget pre-check."""
+        return self._upper_bound(key, self._units_for(key, target_tokens))
+
+    def _upper_bound(self, key: str, units: int) -> int:
         if self.calibrator.calibrated(key):
-            return math.ceil(estimate * 1.15) + 32
+            return math.ceil(math.ceil(units * self.calibrator.ratio(key)) * 1.15) + 32
         # Uncalibrated: no BPE vocabulary spends more than ~2 tokens per common word here.
-        return math.ceil(self.units(prompt) * 2.0) + 64
+        return math.ceil(units * 2.0) + 64
 
     def observe(self, key: str, prompt: Prompt, reported_prompt_tokens: int) -> None:
         self.calibrator.observe(key, self.units(prompt), reported_prompt_tokens)
@@ -140,7 +149,13 @@ class PromptFactory:
         return Prompt(system=header + _filler(rng, filler_units), user=user)
 
     def partial_prompts(
-        self, key: str, *, run_id: str, prefix_tokens: int, variants: int, user_tokens: int = 48
+        self,
+        key: str,
+        *,
+        run_id: str,
+        prefix_tokens: int,
+        variants: int,
+        user_tokens: int = PARTIAL_USER_TOKENS,
     ) -> list[Prompt]:
         """Prompts sharing one long system prompt, each with a different user message.
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from exporter.hits import TtftWitness, ttft_witness
+
 
 class ErrorType(StrEnum):
     """Bounded set of failure causes; used as the ``error_type`` label, never free text."""
@@ -128,7 +130,11 @@ class RequestRecord:
     latency_seconds: float | None = None  # request sent to last byte
     ttfb_seconds: float | None = None  # request sent to response headers
     ttft_seconds: float | None = None  # request sent to first generated token (streaming)
-    hit: bool | None = None  # cached_tokens above the hit threshold; None if not reported
+    # The run's own prompt was served from cache (exporter.hits): cached tokens beyond the
+    # shared baseline cover a real share of it. None if the response reported no cache fields.
+    hit: bool | None = None
+    # The shared baseline (cached tokens every prompt shares) this request was judged with.
+    baseline_tokens: int | None = None
     error_type: ErrorType | None = None
     error: str | None = None  # one line, never contains secrets
     cost: dict[str, float] = field(default_factory=dict)
@@ -137,9 +143,18 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.error_type is None
 
+    @property
+    def run_cached_tokens(self) -> int | None:
+        """Cached tokens beyond the baseline: how much of the run's own prompt was cached.
+        None if not reported, or judged before baselines were recorded (old stored rows)."""
+        if self.cached_tokens is None or self.baseline_tokens is None:
+            return None
+        return max(0, self.cached_tokens - self.baseline_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["error_type"] = self.error_type.value if self.error_type else None
+        data["run_cached_tokens"] = self.run_cached_tokens  # derived; ignored by from_dict
         return data
 
     @classmethod
@@ -176,7 +191,11 @@ class ProbeResult:
     requests: list[RequestRecord] = field(default_factory=list)
     error_type: ErrorType | None = None
     error: str | None = None
-    pollution: bool = False  # a cold request reported cached tokens
+    # A cold request's cached tokens reached past the shared baseline into the run's prompt.
+    pollution: bool = False
+    # Cached tokens every prompt shares (template, BOS), learned from the cold requests;
+    # None when no response reported cache fields (and in rows stored before it existed).
+    baseline_tokens: int | None = None
     # Probe-specific findings (empty where they do not apply).
     sizes: dict[str, SizeOutcome] = field(default_factory=dict)  # prompt_sizes
     ttl: dict[float, bool | None] = field(default_factory=dict)  # ttl: delay -> hit
@@ -200,11 +219,23 @@ class ProbeResult:
         return any(reported)
 
     @property
+    def run_cached_tokens(self) -> int | None:
+        """Σ cached tokens beyond the baseline over the run's requests; None if not reported."""
+        own = [r.run_cached_tokens for r in self.requests if r.run_cached_tokens is not None]
+        return sum(own) if own else None
+
+    @property
+    def ttft(self) -> TtftWitness:
+        """Cold against warm time to first token: shown beside the verdict, never deciding."""
+        return ttft_witness(self.requests)
+
+    @property
     def ttl_max_hit_delay(self) -> float | None:
         hits = [d for d, hit in self.ttl.items() if hit]
         return max(hits) if hits else (0.0 if self.ttl else None)
 
     def to_dict(self) -> dict[str, Any]:
+        ttft = self.ttft
         return {
             "probe": self.probe,
             "provider": self.provider,
@@ -220,6 +251,9 @@ class ProbeResult:
             "error": self.error,
             "pollution": self.pollution,
             "cache_reported": self.cache_reported,
+            "baseline_tokens": self.baseline_tokens,
+            "run_cached_tokens": self.run_cached_tokens,
+            "ttft": _ttft_dict(ttft),
             "sizes": {
                 name: {
                     "target_tokens": s.target_tokens,
@@ -234,7 +268,10 @@ class ProbeResult:
             "ttl_max_hit_delay_seconds": self.ttl_max_hit_delay,
             "first_miss_index": self.first_miss_index,
             "shared_prefix_tokens": self.shared_prefix_tokens,
-            "requests": [r.to_dict() for r in self.requests],
+            "requests": [
+                {**r.to_dict(), "ttft_no_faster": slow}
+                for r, slow in zip(self.requests, ttft.no_faster, strict=True)
+            ],
         }
 
     @classmethod
@@ -253,6 +290,7 @@ class ProbeResult:
             error_type=ErrorType(data["error_type"]) if data.get("error_type") else None,
             error=data.get("error"),
             pollution=bool(data.get("pollution", False)),
+            baseline_tokens=data.get("baseline_tokens"),
             sizes={
                 name: SizeOutcome(
                     target_tokens=int(s["target_tokens"]),
@@ -266,6 +304,15 @@ class ProbeResult:
             first_miss_index=data.get("first_miss_index"),
             shared_prefix_tokens=data.get("shared_prefix_tokens"),
         )
+
+
+def _ttft_dict(ttft: TtftWitness) -> dict[str, Any]:
+    return {
+        "cold_seconds": ttft.cold_seconds,
+        "warm_seconds": ttft.warm_seconds,
+        "hit_seconds": ttft.hit_seconds,
+        "hits_no_faster": ttft.slow_hits,
+    }
 
 
 def _delay_key(delay: float) -> str:

@@ -1,29 +1,32 @@
-"""One configured provider, ready to probe: adapter, transport, budget guard, prices.
+"""One configured provider, ready to probe: adapter, transport, prompts, prices, cost model.
 
-Data flows one way: the scheduler picks a (model, probe), ``run_job`` runs the probe through
-the adapter and transport, and the scheduler applies the result to the store and the state.
+Data flows one way: the scheduler picks a (model, probe) and decides when; ``run_job`` runs
+the probe through the adapter and transport (reserving every request in the budget first) and
+returns one ``RunReport``; the recorder applies that report to the state and the store.
+Nothing here writes state.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
 
+from exporter.assembly import build_adapter, probe_settings, retry_policy
 from exporter.budget import Budget, BudgetLimits, Reservation
 from exporter.clock import Clock
 from exporter.config import Config, ProviderConfig
-from exporter.pricing import PriceInfo, cost_of, max_price_per_token, resolve_price
-from exporter.probes import ProbeContext, ProbeSettings, run_probe
+from exporter.forecast import cost_inputs
+from exporter.pricing import PriceInfo, charged_usd, reservation_usd, resolve_price
+from exporter.probes import PROBE_COSTS, ProbeContext, ProbeSettings, run_probe
+from exporter.probes.cost import ProbeCost
 from exporter.prompts import PromptFactory
-from exporter.providers import adapter_class
 from exporter.providers.base import ProviderAdapter
-from exporter.results import ModelPrice, ProbeResult, ResponseMeta, Usage
-from exporter.state import State
-from exporter.transport import RetryPolicy, Transport
+from exporter.report import RunReport
+from exporter.results import Completion, ModelPrice
+from exporter.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,6 @@ log = logging.getLogger(__name__)
 def budget_limits(provider: ProviderConfig) -> BudgetLimits:
     b = provider.budget
     return BudgetLimits(b.daily_tokens, b.monthly_tokens, b.daily_usd, b.monthly_usd)
-
-
-def probe_settings(config: Config) -> ProbeSettings:
-    probes = config.probes
-    return ProbeSettings(
-        sizes=dict(probes.prompt_sizes.sizes),
-        persistence_requests=probes.persistence.requests,
-        ttl_delays=tuple(probes.ttl.delays),
-    )
 
 
 class RateLimiter:
@@ -59,31 +53,41 @@ class RateLimiter:
 
 
 @dataclass(slots=True)
-class BudgetGuard:
-    """The transport's spend guard for one model: reserve an upper bound, settle the truth."""
+class SpendGate:
+    """The transport's spend guard for one run: refuses every request once the provider's
+    worker is retired (a reload removed or replaced it), and reserves an upper bound in the
+    budget before each request, settling what the provider reported after it."""
 
-    budget: Budget
-    provider: str
+    runtime: ProviderRuntime
+    budget: Budget | None
     price: ModelPrice | None
-    state: State
 
     async def reserve(self, estimated_tokens: int) -> object | None:
-        usd = estimated_tokens * max_price_per_token(self.price)
-        reservation = await self.budget.reserve(self.provider, estimated_tokens, usd)
-        self.state.set_budgets(self.budget.snapshot())
-        return reservation
+        if self.runtime.retired:
+            return None  # not in the configuration in force: nothing more is sent
+        if self.budget is None or not self.budget.limited(self.runtime.name):
+            return _UNBUDGETED
+        # The transport's estimate is the prompt's bound plus max_tokens of completion.
+        completion = min(estimated_tokens, self.runtime.adapter.max_tokens)
+        usd = reservation_usd(self.price, estimated_tokens - completion, completion)
+        return await self.budget.reserve(self.runtime.name, estimated_tokens, usd)
 
-    async def settle(self, handle: object, usage: Usage | None, *, billed: bool) -> None:
-        assert isinstance(handle, Reservation)
-        if usage is not None:
+    async def settle(self, handle: object, completion: Completion | None, *, billed: bool) -> None:
+        if not isinstance(handle, Reservation) or self.budget is None:
+            return
+        if completion is not None:
+            usage = completion.usage
             tokens: int | None = usage.prompt_tokens + usage.completion_tokens
-            usd: float | None = cost_of(self.price, usage)[0] if self.price is not None else 0.0
+            # Reconciled with what the provider says it charged, where it says so.
+            usd: float | None = charged_usd(self.price, usage, completion.cost)
         elif not billed:
             tokens, usd = 0, 0.0  # refused before any work: nothing was charged
         else:
             tokens, usd = None, None  # unknown: the reservation stays spent
         await self.budget.settle(handle, tokens=tokens, usd=usd)
-        self.state.set_budgets(self.budget.snapshot())
+
+
+_UNBUDGETED = object()  # a granted "reservation" of a provider without limits
 
 
 @dataclass(slots=True)
@@ -92,8 +96,11 @@ class ProviderRuntime:
     adapter: ProviderAdapter
     transport: Transport
     prompts: PromptFactory
+    settings: ProbeSettings
     models: list[str] = field(default_factory=list)
     published_prices: dict[str, ModelPrice] = field(default_factory=dict)
+    # Set when a reload removed or replaced this provider's worker: nothing more is sent.
+    retired: bool = False
 
     @property
     def name(self) -> str:
@@ -102,6 +109,26 @@ class ProviderRuntime:
     def price_info(self, model: str) -> PriceInfo:
         return resolve_price(self.config.price_for(model), self.published_prices.get(model))
 
+    def cost(self, model: str, probe: str) -> ProbeCost:
+        """What one run of ``probe`` for ``model`` sends (the probe module's own estimate)."""
+        return PROBE_COSTS[probe](cost_inputs(self.adapter, model, self.settings))
+
+    def reservation_bound(self, model: str, prompt_tokens: int) -> int:
+        """What the transport will reserve for a prompt of this size (before completion)."""
+        return self.prompts.upper_bound_for(f"{self.name}/{model}", prompt_tokens)
+
+    def precheck(self, model: str, probe: str) -> tuple[int, float]:
+        """(tokens, USD) a run must have room for before it starts."""
+        cost = self.cost(model, probe)
+
+        def bound(tokens: int) -> int:
+            return self.reservation_bound(model, tokens)
+
+        return cost.upper_bound_tokens(bound), cost.upper_bound_usd(bound, self.price(model))
+
+    def price(self, model: str) -> ModelPrice | None:
+        return self.price_info(model).price
+
 
 def build_runtime(
     provider: ProviderConfig,
@@ -109,37 +136,17 @@ def build_runtime(
     *,
     client: httpx.AsyncClient,
     clock: Clock,
-    state: State,
     env: Mapping[str, str] | None = None,
 ) -> ProviderRuntime:
-    adapter = adapter_class(provider.type)(
-        base_url=provider.base_url,
-        api_key=provider.api_key(env),
-        min_cacheable_tokens=provider.min_cacheable_tokens,
-        warmup_repeats=provider.warmup_repeats,
-        stream=provider.stream,
-        max_tokens=provider.max_tokens,
-        extra_headers=dict(provider.headers),
-    )
-    http = config.http
-    policy = RetryPolicy(
-        attempts=http.attempts,
-        backoff=http.backoff,
-        backoff_max=http.backoff_max,
-        max_retry_after=http.max_retry_after,
-        timeout=http.timeout,
-        max_body_bytes=http.max_body_bytes,
-    )
-
-    def on_meta(meta: ResponseMeta) -> None:
-        for currency, amount in meta.balances.items():
-            state.set_balance(provider.name, currency, amount)
-        if meta.ratelimit_remaining:
-            state.set_ratelimit(provider.name, meta.ratelimit_remaining)
-
     throttle = RateLimiter(provider.rate_limit, clock) if provider.rate_limit > 0 else None
-    transport = Transport(client, policy=policy, clock=clock, on_meta=on_meta, throttle=throttle)
-    return ProviderRuntime(provider, adapter, transport, PromptFactory())
+    transport = Transport(client, policy=retry_policy(config.http), clock=clock, throttle=throttle)
+    return ProviderRuntime(
+        provider,
+        build_adapter(provider, env),
+        transport,
+        PromptFactory(),
+        probe_settings(config.probes),
+    )
 
 
 async def run_job(
@@ -149,13 +156,10 @@ async def run_job(
     *,
     config: Config,
     budget: Budget | None,
-    state: State,
     clock: Clock,
-) -> ProbeResult:
+) -> RunReport:
     """Run one probe for one model with the configured settings, deadline and budget."""
-    guard = None
-    if budget is not None and not budget_limits(runtime.config).ledger_limits().unlimited:
-        guard = BudgetGuard(budget, runtime.name, runtime.price_info(model).price, state)
+    price = runtime.price_info(model)
     ctx = ProbeContext(
         provider=runtime.name,
         model=model,
@@ -163,31 +167,8 @@ async def run_job(
         transport=runtime.transport,
         prompts=runtime.prompts,
         clock=clock,
-        settings=probe_settings(config),
-        guard=guard,
+        settings=runtime.settings,
+        guard=SpendGate(runtime, budget, price.price),
     )
-    return await run_probe(probe, ctx, deadline=config.probes.get(probe).timeout)
-
-
-def estimate_probe_tokens(
-    probe: str, *, minimum: int, settings: ProbeSettings, warmup: int, max_tokens: int
-) -> int:
-    """About what a probe run costs in tokens, to skip runs a budget cannot cover.
-
-    Per-request reservations are what enforce the budget; this only avoids starting a run
-    that would be cut off half-way.
-    """
-    base = math.ceil(minimum * settings.margin)
-
-    def requests(count: int, size: int = base) -> int:
-        return count * (math.ceil(size * 1.1) + max_tokens)
-
-    if probe == "basic":
-        return requests(1 + max(1, warmup))
-    if probe == "prompt_sizes":
-        return sum(requests(2, size) for size in settings.sizes.values() if size >= minimum)
-    if probe == "partial":
-        return requests(1 + settings.partial_variants)
-    if probe == "persistence":
-        return requests(settings.persistence_requests)
-    return requests(2 * len(settings.ttl_delays))
+    result = await run_probe(probe, ctx, deadline=config.probes.get(probe).timeout)
+    return RunReport.of(result, price, ctx.responses)

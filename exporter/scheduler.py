@@ -1,17 +1,30 @@
-"""When to probe what: one worker per provider, each probe type on its own interval.
+"""When to probe what: one worker per provider, every model on its own schedule.
 
-Within a provider, models are probed ``concurrency`` at a time (one by default), with an
-isolation delay between the runs of each slot and a client-side rate limit in the transport.
-A model that fails repeatedly is warned about, then put in cooldown; a provider whose
-balance falls below its threshold is paused and checked cheaply until it recovers; a probe
-whose estimated cost does not fit the budget is skipped. All timing goes through the
-injected clock, so tests drive it exactly.
+Each (model, probe) is due one interval after it last started. A worker starts the most
+overdue run whose model is idle, up to ``concurrency`` at a time; a slot rests for the
+isolation delay after each run. A model runs one probe at a time, so a slow model delays only
+itself. The scheduler only decides *when*: runs go through the runtime, and what they find
+goes to the recorder, whose answers (``health``, ``balance_paused``) and the budget's
+(``exhausted``) are all the scheduler reads back:
+
+* a model whose failures opened its breaker is not run until its cooldown is over; then
+  exactly one trial run decides (success: back on schedule; failure: straight back to
+  cooldown);
+* a provider whose balance is below its threshold (or that answered 402) is paused and
+  checked cheaply until it recovers;
+* a run whose cost the budget cannot cover (the probe's own estimate, the bound its requests
+  reserve) is not started: the provider is paused until the budget has room again, at the
+  latest when the window rolls over; with a USD budget, a model without a price is not run.
+
+A reload replaces workers one provider at a time: the old worker is retired (nothing more is
+sent), given ``shutdown_grace`` to finish, cancelled after that, and only then does the new
+one start, inheriting when each probe last ran so the new intervals apply from there.
+All timing goes through the injected clock, so tests drive it exactly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,26 +37,17 @@ import httpx
 from exporter.budget import Budget
 from exporter.clock import Clock
 from exporter.config import Config, ProviderConfig
-from exporter.pricing import request_cost
-from exporter.probes.common import ProbeSettings
+from exporter.forecast import models_forecast
 from exporter.providers.base import BadResponse, select_models
-from exporter.reliability import reliability_score
+from exporter.recorder import Recorder, Restored
+from exporter.report import ResponseFacts, RunReport
 from exporter.results import ErrorType, ProbeResult, Verdict
-from exporter.runtime import (
-    ProviderRuntime,
-    budget_limits,
-    build_runtime,
-    estimate_probe_tokens,
-    probe_settings,
-    run_job,
-)
-from exporter.state import State
-from exporter.store import Store
+from exporter.runtime import ProviderRuntime, budget_limits, build_runtime, run_job
 from exporter.transport import TransportError
 
 log = logging.getLogger(__name__)
 
-JobRunner = Callable[[ProviderRuntime, str, str], Awaitable[ProbeResult]]
+JobRunner = Callable[[ProviderRuntime, str, str], Awaitable[RunReport]]
 # Model lists change rarely; re-read them hourly (and on every reload).
 DISCOVERY_INTERVAL = 3600.0
 DISCOVERY_RETRY_MAX = 900.0
@@ -51,19 +55,9 @@ DISCOVERY_RETRY_MAX = 900.0
 
 @dataclass(slots=True)
 class ModelSchedule:
+    last_started: dict[str, float] = field(default_factory=dict)  # probe -> wall-clock time
     next_due: dict[str, float] = field(default_factory=dict)  # probe -> wall-clock time
-    failures: int = 0
-    successes: int = 0
-    cooldown_until: float = 0.0
-
-
-@dataclass(slots=True)
-class Restored:
-    """What the store remembered at start-up, so a restart neither re-probes everything at
-    once nor forgets cooldowns."""
-
-    last_started: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    model_states: dict[tuple[str, str], tuple[int, int, float]] = field(default_factory=dict)
+    busy: bool = False
 
 
 class ProviderWorker:
@@ -72,34 +66,39 @@ class ProviderWorker:
         runtime: ProviderRuntime,
         *,
         config: Config,
-        state: State,
-        store: Store | None,
+        recorder: Recorder,
         budget: Budget | None,
         clock: Clock,
         runner: JobRunner | None = None,
-        restored: Restored | None = None,
+        last_started: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = config
-        self.state = state
-        self.store = store
+        self.recorder = recorder
         self.budget = budget
         self.clock = clock
         self.runner: JobRunner = runner or partial(
-            run_job, config=config, budget=budget, state=state, clock=clock
+            run_job, config=config, budget=budget, clock=clock
         )
-        self.restored = restored or Restored()
+        # (model, probe) -> when it last started, before this worker (restart or reload).
+        self._inherited = dict(last_started or {})
         self.probes = config.probes.enabled_for(runtime.config)
         self.schedule: dict[str, ModelSchedule] = {}
+        self._order: list[str] = []
         self.stopping = False
         self.done = anyio.Event()
+        self._stopped = anyio.Event()
         self._wake = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._free = self.pconf.concurrency
+        self._running = 0
+        self._cycle_start: float | None = None
+        self._last_end = 0.0
         self._next_discovery = 0.0
         self._discovery_failures = 0
-        self._funds_exhausted = False
         self._next_balance_check = 0.0
         # The cheap request that refreshes the balance while paused (replaceable in tests).
-        self.check_balance: Callable[[], Awaitable[None]] = self._fetch_balance
+        self.check_balance: Callable[[], Awaitable[Mapping[str, float]]] = self._fetch_balance
 
     @property
     def name(self) -> str:
@@ -111,204 +110,192 @@ class ProviderWorker:
 
     def request_stop(self) -> None:
         self.stopping = True
+        self._stopped.set()
         self._wake.set()
+
+    def retire(self) -> None:
+        """A reload removed or replaced this provider: stop, and send nothing more."""
+        self.runtime.retired = True
+        self.request_stop()
+
+    def last_started(self) -> dict[tuple[str, str], float]:
+        """When each (model, probe) last started, for the worker that replaces this one."""
+        out = dict(self._inherited)
+        for model, sched in self.schedule.items():
+            for probe, at in sched.last_started.items():
+                out[(model, probe)] = at
+        return out
 
     # -- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            self.state.configure_provider(
-                self.name,
-                probes=self.probes,
-                intervals={p: self.config.probes.get(p).interval for p in self.probes},
-            )
-            while not self.stopping:
-                now = self.clock.time()
-                if now >= self._next_discovery:
-                    await self._discover()
-                    continue
-                if self._balance_paused():
-                    await self._balance_check()
-                    continue
-                jobs = self._due_jobs(now)
-                if not jobs:
-                    await self._sleep(self._next_wakeup(now) - now)
-                    continue
-                started = self.clock.monotonic()
-                await self._run_cycle(jobs)
-                self.state.observe_cycle(self.name, self.clock.monotonic() - started)
+            self.recorder.provider_started(self.pconf, self.probes)
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._loop()
         finally:
             self.done.set()
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep on the injected clock, cut short by a stop request."""
-        if self.stopping:
-            await anyio.lowlevel.checkpoint()
-            return
-        await sleep_unless(self.clock, seconds, self._wake)
-
-    def _due_jobs(self, now: float) -> list[tuple[str, list[str]]]:
-        jobs: list[tuple[float, str, list[str]]] = []
-        for model, sched in self.schedule.items():
-            if sched.cooldown_until > now:
+    async def _loop(self) -> None:
+        while not self.stopping:
+            now = self.clock.time()
+            if now >= self._next_discovery:
+                await self._discover()
                 continue
-            due = [p for p in self.probes if sched.next_due.get(p, 0.0) <= now]
-            if due:
-                jobs.append((min(sched.next_due.get(p, 0.0) for p in due), model, due))
-        jobs.sort()
-        return [(model, probes) for _, model, probes in jobs]
+            if self.recorder.balance_paused(self.name):
+                await self._balance_check()
+                continue
+            if self.budget is not None and self.budget.exhausted(self.name):
+                await self._wait(self.budget.next_window() - now)
+                self.recorder.budget_changed(self.name)  # room again, or a new window
+                continue
+            job = self._next_job(now)
+            if job is None:
+                self._end_cycle()
+                await self._wait(self._next_wakeup(now) - now)
+            elif self._free <= 0:
+                await self._wait(None)  # a slot frees up when a run (and its rest) is over
+            else:
+                await self._dispatch(*job, now)
+
+    async def _wait(self, seconds: float | None) -> None:
+        """Sleep on the injected clock (None: until woken), cut short by ``_wake``."""
+        event = self._wake
+        if self.stopping or event.is_set():
+            await anyio.lowlevel.checkpoint()
+        elif seconds is None:
+            await event.wait()
+        else:
+            await sleep_unless(self.clock, seconds, event)
+        if event.is_set() and not self.stopping:
+            self._wake = anyio.Event()
+
+    def _next_job(self, now: float) -> tuple[str, str] | None:
+        best: tuple[float, int, int] | None = None
+        chosen: tuple[str, str] | None = None
+        for mi, model in enumerate(self._order):
+            sched = self.schedule[model]
+            health = self.recorder.health(self.name, model)
+            if sched.busy or health.cooling(now):
+                continue
+            due = [
+                (sched.next_due.get(probe, 0.0), pi, probe)
+                for pi, probe in enumerate(self.probes)
+                if sched.next_due.get(probe, 0.0) <= now
+            ]
+            if not due:
+                continue
+            if health.trial(now):
+                # The breaker's one trial run: the first probe in order (basic if enabled).
+                at, pi, probe = min(due, key=lambda d: d[1])
+                at = min(d[0] for d in due)
+            else:
+                at, pi, probe = min(due)
+            if best is None or (at, mi, pi) < best:
+                best, chosen = (at, mi, pi), (model, probe)
+        return chosen
 
     def _next_wakeup(self, now: float) -> float:
         times = [self._next_discovery]
-        times.extend(
-            max(sched.next_due.get(probe, 0.0), sched.cooldown_until)
-            for sched in self.schedule.values()
-            for probe in self.probes
-        )
+        for model, sched in self.schedule.items():
+            if sched.busy:
+                continue  # its end wakes the loop
+            cooldown = self.recorder.health(self.name, model).cooldown_until
+            times.extend(max(sched.next_due.get(p, 0.0), cooldown) for p in self.probes)
         return min(times)
 
-    async def _run_cycle(self, jobs: list[tuple[str, list[str]]]) -> None:
-        queue = deque(jobs)
-        delay = self.pconf.isolation_delay
-
-        async def slot() -> None:
-            first = True
-            while queue and not self._halted():
-                model, probes = queue.popleft()
-                for probe in probes:
-                    if not first:
-                        await self._sleep(delay)
-                    first = False
-                    if self._halted():  # a stop or a pause may have come while we slept
-                        return
-                    await self._run_one(model, probe)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(self.pconf.concurrency, len(jobs))):
-                tg.start_soon(slot)
-
-    def _halted(self) -> bool:
-        return self.stopping or self._balance_paused()
-
-    async def _run_one(self, model: str, probe: str) -> None:
-        sched = self.schedule.get(model)
-        if sched is None:  # dropped by a rediscovery meanwhile
-            return
-        started = self.clock.time()
-        sched.next_due[probe] = started + self.config.probes.get(probe).interval
-        if not self._fits_budget(model, probe):
-            result = _skipped(self.name, model, probe, started, self.clock.time())
-        else:
-            result = await self.runner(self.runtime, model, probe)
-        await self._apply(result)
-
-    # -- results ------------------------------------------------------------------------------
-
-    async def _apply(self, result: ProbeResult) -> None:
-        self.state.observe_result(result)
-        if self.budget is not None:
-            snapshots = self.budget.snapshot()
-            self.state.set_budgets(snapshots)
-            snap = snapshots.get(self.name)
-            self.state.set_paused(self.name, "budget", bool(snap and snap.exhausted))
-        if result.verdict is Verdict.SKIPPED:
-            return
-        if any(r.error_type is ErrorType.INSUFFICIENT_FUNDS for r in result.requests):
-            self._funds_exhausted = True
-            log.warning("%s: the provider reports insufficient funds; probing paused", self.name)
-        await self._track_failures(result)
-        if self.store is None:
-            return
-        price = self.runtime.price_info(result.model)
-        spend = savings = 0.0
-        for record in result.requests:
-            if record.ok and record.attempts:
-                s, v = request_cost(price, record)
-                spend += s
-                savings += v
-        await self.store.record_run(result, spend_usd=spend, savings_usd=savings)
-        window = self.config.scheduler.reliability_window
-        stats = await self.store.reliability_stats(
-            since=self.clock.time() - window, provider=self.name, model=result.model
-        )
-        score = stats.get((self.name, result.model))
-        self.state.set_reliability(
-            self.name, result.model, reliability_score(score) if score else None
-        )
-
-    async def _track_failures(self, result: ProbeResult) -> None:
-        sched = self.schedule.setdefault(result.model, ModelSchedule())
-        cfg = self.config.scheduler
-        if result.success:
-            sched.successes += 1
-            if sched.successes >= cfg.reset_after_successes:
-                sched.failures = 0
-        else:
-            sched.failures += 1
-            sched.successes = 0
-            if sched.failures == cfg.failure_warn_after:
-                log.warning(
-                    "%s/%s: %d consecutive probe failures (last: %s)",
-                    self.name,
-                    result.model,
-                    sched.failures,
-                    result.error_type,
+    async def _dispatch(self, model: str, probe: str, now: float) -> None:
+        sched = self.schedule[model]
+        interval = self.config.probes.get(probe).interval
+        if self.budget is not None and self.budget.limited(self.name):
+            usd_limited = self.budget.usd_limited(self.name)
+            unpriced = usd_limited and self.runtime.price(model) is None
+            if usd_limited:
+                self.recorder.set_unpriced(self.name, model, unpriced)
+            if unpriced:
+                # No upper bound of its cost in USD: it cannot be reserved, so it does not run.
+                sched.next_due[probe] = now + interval
+                return
+            tokens, usd = self.runtime.precheck(model, probe)
+            if not self.budget.could_ever_fit(self.name, tokens, usd):
+                # Larger than the whole budget: waiting for room would block every probe.
+                sched.next_due[probe] = now + interval
+                self.recorder.too_expensive(self.name, model, probe, tokens, usd)
+                return
+            if not self.budget.admit(self.name, tokens, usd):
+                # Stays due: it runs first once the budget has room.
+                detail = f"not run: needs room for up to {tokens} tokens"
+                if usd:
+                    detail += f" / ${usd:.6f}"
+                await self.recorder.record(
+                    RunReport(_skipped(self.name, model, probe, now, detail), sent=False)
                 )
-            if sched.failures >= cfg.cooldown_after:
-                sched.cooldown_until = self.clock.time() + cfg.cooldown
-                log.warning(
-                    "%s/%s: %d consecutive failures; cooling down for %.0fs",
-                    self.name,
-                    result.model,
-                    sched.failures,
-                    cfg.cooldown,
-                )
-        self.state.record_failures(self.name, result.model, sched.failures, sched.cooldown_until)
-        if self.store is not None:
-            await self.store.save_model_state(
-                self.name,
-                result.model,
-                consecutive_failures=sched.failures,
-                consecutive_successes=sched.successes,
-                cooldown_until=sched.cooldown_until,
-            )
+                return
+        sched.busy = True
+        sched.last_started[probe] = now
+        sched.next_due[probe] = now + interval
+        if self._running == 0 and self._free == self.pconf.concurrency:
+            self._cycle_start = self.clock.monotonic()
+        self._free -= 1
+        self._running += 1
+        assert self._tg is not None
+        self._tg.start_soon(self._run, model, probe, sched, name=f"{self.name}/{model} {probe}")
 
-    def _fits_budget(self, model: str, probe: str) -> bool:
-        if self.budget is None or budget_limits(self.pconf).ledger_limits().unlimited:
-            return True
-        settings: ProbeSettings = probe_settings(self.config)
-        adapter = self.runtime.adapter
-        tokens = estimate_probe_tokens(
-            probe,
-            minimum=adapter.min_cacheable_for(model),
-            settings=settings,
-            warmup=adapter.warmup_repeats,
-            max_tokens=adapter.max_tokens,
-        )
-        price = self.runtime.price_info(model).price
-        usd = 0.0 if price is None else tokens * max(price.input, price.output) / 1e6
-        return self.budget.would_fit(self.name, tokens, usd)
+    async def _run(self, model: str, probe: str, sched: ModelSchedule) -> None:
+        try:
+            report = await self.runner(self.runtime, model, probe)
+            await self.recorder.record(report)
+        except Exception:  # a bug must not take the other models down with it
+            log.exception("%s/%s: %s run failed", self.name, model, probe)
+        finally:
+            sched.busy = False
+            self._running -= 1
+            self._last_end = self.clock.monotonic()
+            self._wake.set()
+        try:
+            # The slot rests before its next run (cut short by a stop).
+            await sleep_unless(self.clock, self.pconf.isolation_delay, self._stopped)
+        finally:
+            self._free += 1
+            self._wake.set()
+
+    def _end_cycle(self) -> None:
+        """Nothing due and every slot idle: the busy period since the first run is a cycle."""
+        if self._cycle_start is not None and self._free == self.pconf.concurrency:
+            self.recorder.cycle(self.name, self._last_end - self._cycle_start)
+            self._cycle_start = None
 
     # -- models -------------------------------------------------------------------------------
 
     async def _discover(self) -> None:
+        """The models to probe: the configured list, or the models endpoint filtered. A
+        provider that publishes prices is asked even for a configured list: its prices are
+        what spend and a USD budget are computed from."""
         pconf = self.pconf
+        adapter = self.runtime.adapter
         now = self.clock.time()
-        try:
-            if pconf.models:
-                ids = list(pconf.models)
-            else:
-                adapter = self.runtime.adapter
-                body = await self.runtime.transport.get_json(adapter, adapter.models_request())
-                infos = adapter.parse_models(body)
-                self.runtime.published_prices = {i.id: i.price for i in infos if i.price}
-                ids = [i.id for i in infos]
-        except (TransportError, BadResponse) as exc:
-            self._discovery_failures += 1
-            wait = min(60.0 * 2 ** (self._discovery_failures - 1), DISCOVERY_RETRY_MAX)
-            self._next_discovery = now + wait
-            log.warning("%s: listing models failed (%s); retrying in %.0fs", self.name, exc, wait)
-            return
+        listed = list(pconf.models)
+        ids = listed
+        if not listed or adapter.publishes_prices_at(pconf.base_url):
+            try:
+                reply = await self.runtime.transport.get_json(adapter, adapter.models_request())
+                await self.recorder.response_facts(self.name, ResponseFacts.of([reply.meta]))
+                infos = adapter.parse_models(reply.body)
+            except (TransportError, BadResponse) as exc:
+                if isinstance(exc, TransportError):
+                    await self.recorder.response_facts(self.name, ResponseFacts.of([exc.meta]))
+                self._discovery_failures += 1
+                wait = min(60.0 * 2 ** (self._discovery_failures - 1), DISCOVERY_RETRY_MAX)
+                self._next_discovery = now + wait
+                log.warning(
+                    "%s: listing models failed (%s); retrying in %.0fs", self.name, exc, wait
+                )
+                if listed and not self.schedule:
+                    self._set_models(listed)  # probe what is configured meanwhile
+                return
+            self.runtime.published_prices = {i.id: i.price for i in infos if i.price}
+            ids = listed or [i.id for i in infos]
         self._discovery_failures = 0
         self._next_discovery = now + DISCOVERY_INTERVAL
         models = select_models(ids, pconf.include, pconf.exclude, pconf.max_models)
@@ -326,53 +313,53 @@ class ProviderWorker:
                 continue
             sched = ModelSchedule()
             for probe in self.probes:
-                last = self.restored.last_started.get((self.name, model, probe))
+                last = self._inherited.get((model, probe))
                 if last is not None:
+                    sched.last_started[probe] = last
                     sched.next_due[probe] = last + self.config.probes.get(probe).interval
-            saved = self.restored.model_states.get((self.name, model))
-            if saved is not None:
-                sched.failures, sched.successes, sched.cooldown_until = saved
-                self.state.record_failures(self.name, model, sched.failures, sched.cooldown_until)
             self.schedule[model] = sched
-        self.state.set_models(self.name, models, {m: self.runtime.price_info(m) for m in models})
+        self._order = list(models)
+        prices = {m: self.runtime.price_info(m) for m in models}
+        forecast = models_forecast(
+            self.config,
+            self.pconf,
+            self.runtime.adapter,
+            models,
+            {m: info.price for m, info in prices.items()},
+        )
+        self.recorder.models_selected(self.name, models, prices, forecast.gauges())
 
     # -- balance ------------------------------------------------------------------------------
-
-    def _balance_paused(self) -> bool:
-        amount = self.state.balance(self.name, self.pconf.balance_currency)
-        low = amount is not None and amount < self.pconf.balance_stop_threshold
-        paused = low or self._funds_exhausted
-        self.state.set_paused(self.name, "balance", paused)
-        return paused
 
     async def _balance_check(self) -> None:
         """While paused: a cheap request every balance_check_interval to see if funds are back."""
         now = self.clock.time()
         if now < self._next_balance_check:
-            await self._sleep(self._next_balance_check - now)
+            await self._wait(self._next_balance_check - now)
             return
         self._next_balance_check = now + self.pconf.balance_check_interval
         try:
-            await self.check_balance()
+            balances = await self.check_balance()
         except (TransportError, BadResponse) as exc:
+            if isinstance(exc, TransportError):
+                await self.recorder.response_facts(self.name, ResponseFacts.of([exc.meta]))
             log.info("%s: balance check failed: %s", self.name, exc)
             return
-        # The check itself succeeded: funds may be back; the next 402 pauses again.
-        self._funds_exhausted = False
-        if not self._balance_paused():
-            log.info("%s: balance back above the threshold; probing resumes", self.name)
+        await self.recorder.balance_checked(self.name, balances)
 
-    async def _fetch_balance(self) -> None:
+    async def _fetch_balance(self) -> Mapping[str, float]:
         """The balance endpoint if the API has one, else the models list (whose response
-        headers carry the balance on Venice); headers reach the state through the transport."""
+        headers carry the balance on Venice)."""
         adapter = self.runtime.adapter
         balance_request = adapter.balance_request()
-        body = await self.runtime.transport.get_json(
+        reply = await self.runtime.transport.get_json(
             adapter, balance_request or adapter.models_request()
         )
-        if balance_request is not None:
-            for currency, amount in adapter.parse_balance(body).items():
-                self.state.set_balance(self.name, currency, amount)
+        facts = ResponseFacts.of([reply.meta])
+        if balance_request is None:
+            return dict(facts.balances)
+        await self.recorder.response_facts(self.name, facts)
+        return adapter.parse_balance(reply.body)
 
 
 async def sleep_unless(clock: Clock, seconds: float, event: anyio.Event) -> None:
@@ -394,18 +381,27 @@ async def sleep_unless(clock: Clock, seconds: float, event: anyio.Event) -> None
         tg.start_soon(waker)
 
 
-def _skipped(provider: str, model: str, probe: str, started: float, now: float) -> ProbeResult:
+def _skipped(provider: str, model: str, probe: str, at: float, detail: str) -> ProbeResult:
     return ProbeResult(
         probe=probe,
         provider=provider,
         model=model,
         run_id="",
         verdict=Verdict.SKIPPED,
-        started_at=started,
-        finished_at=now,
+        started_at=at,
+        finished_at=at,
         error_type=ErrorType.BUDGET,
-        error="not run: the estimated cost does not fit the budget",
+        error=detail,
     )
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One provider's place in the scheduler: the configuration wanted and the worker."""
+
+    want: ProviderConfig | None
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    worker: ProviderWorker | None = None
 
 
 class Scheduler:
@@ -415,8 +411,7 @@ class Scheduler:
         self,
         config: Config,
         *,
-        state: State,
-        store: Store | None,
+        recorder: Recorder,
         budget: Budget | None,
         clock: Clock,
         client: httpx.AsyncClient,
@@ -425,39 +420,42 @@ class Scheduler:
         restored: Restored | None = None,
     ) -> None:
         self.config = config
-        self.state = state
-        self.store = store
+        self.recorder = recorder
         self.budget = budget
         self.clock = clock
         self.client = client
         self.env = env
         self.runner = runner
         self.restored = restored or Restored()
+        # The worker in force per provider (what /readyz counts); retired ones are not here.
         self.workers: dict[str, ProviderWorker] = {}
         self.running = False
         self.stopped = anyio.Event()
+        self._slots: dict[str, _Slot] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
         self._stop_event = anyio.Event()
 
-    def _worker(self, provider: ProviderConfig) -> ProviderWorker:
+    def _worker(self, provider: ProviderConfig, previous: ProviderWorker | None) -> ProviderWorker:
         runtime = build_runtime(
-            provider,
-            self.config,
-            client=self.client,
-            clock=self.clock,
-            state=self.state,
-            env=self.env,
+            provider, self.config, client=self.client, clock=self.clock, env=self.env
         )
+        if previous is not None:
+            last = previous.last_started()
+        else:
+            last = {
+                (model, probe): at
+                for (name, model, probe), at in self.restored.last_started.items()
+                if name == provider.name
+            }
         return ProviderWorker(
             runtime,
             config=self.config,
-            state=self.state,
-            store=self.store,
+            recorder=self.recorder,
             budget=self.budget,
             clock=self.clock,
             runner=self.runner,
-            restored=self.restored,
+            last_started=last,
         )
 
     async def run(self) -> None:
@@ -466,34 +464,38 @@ class Scheduler:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for provider in self.config.providers:
-                    self._start(self._worker(provider))
+                    self._add(provider)
                 tg.start_soon(self._cleanup_loop)
         finally:
             self.running = False
             self.stopped.set()
 
-    def _start(self, worker: ProviderWorker) -> None:
+    def _add(self, provider: ProviderConfig) -> None:
         assert self._tg is not None
-        self.workers[worker.name] = worker
-        self._tg.start_soon(worker.run, name=f"worker {worker.name}")
+        self._slots[provider.name] = _Slot(provider)
+        self._tg.start_soon(self._supervise, provider.name, name=f"provider {provider.name}")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def stop(self) -> None:
         """Stop scheduling: workers finish what they are running, then return."""
         self._stopping = True
         self._stop_event.set()
-        for worker in self.workers.values():
-            worker.request_stop()
-
-    async def wait_workers(self) -> None:
-        for worker in list(self.workers.values()):
-            await worker.done.wait()
+        for slot in self._slots.values():
+            slot.changed.set()
+            if slot.worker is not None:
+                slot.worker.request_stop()
 
     def apply(self, config: Config) -> None:
-        """Adopt a reloaded configuration: providers whose settings (or the global probe,
-        http and scheduler settings) changed get a fresh worker once the old one has
-        finished its current run; removed providers stop; new ones start."""
+        """Adopt a reloaded configuration (the caller serialises reloads). Budget limits
+        apply at once; a provider whose settings (or the global probe, http and scheduler
+        settings) changed gets a fresh worker once the old one has stopped; a removed
+        provider's worker is retired and its series go now."""
         old = self.config
         self.config = config
+        self.recorder.configure(config)
         if self.budget is not None:
             self.budget.set_limits({p.name: budget_limits(p) for p in config.providers})
         global_change = (old.probes, old.http, old.scheduler) != (
@@ -502,36 +504,68 @@ class Scheduler:
             config.scheduler,
         )
         wanted = {p.name: p for p in config.providers}
-        self.state.retain_providers(set(wanted))
-        for name, worker in list(self.workers.items()):
-            if name not in wanted:
-                worker.request_stop()
-                del self.workers[name]
-        for name, provider in wanted.items():
-            current = self.workers.get(name)
-            if current is not None and current.pconf == provider and not global_change:
+        for name, slot in self._slots.items():
+            want = wanted.get(name)
+            if want == slot.want and not global_change:
                 continue
-            if current is not None:
-                current.request_stop()
-            if self._tg is not None and not self._stopping:
-                self._tg.start_soon(self._replace, current, provider)
+            slot.want = want
+            slot.changed.set()
+            if slot.worker is not None:
+                slot.worker.retire()  # at once: nothing more is sent under the old settings
+            if want is None:
+                self.workers.pop(name, None)
+                self.recorder.provider_removed(name)
+        for name, provider in wanted.items():
+            if name not in self._slots and self._tg is not None and not self._stopping:
+                self._add(provider)
 
-    async def _replace(self, old: ProviderWorker | None, provider: ProviderConfig) -> None:
-        if old is not None:
-            await old.done.wait()
-        if not self._stopping:
-            self._start(self._worker(provider))
+    async def _supervise(self, name: str) -> None:
+        """Run ``name``'s worker; on a change, retire it, wait out its grace (then cancel it)
+        and start one for the latest configuration. Changes that arrive meanwhile coalesce."""
+        slot = self._slots[name]
+        previous: ProviderWorker | None = None
+        try:
+            while not self._stopping and slot.want is not None:
+                slot.changed = anyio.Event()
+                worker = self._worker(slot.want, previous)
+                slot.worker = worker
+                self.workers[name] = worker
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(worker.run, name=f"worker {name}")
+                    await _wait_any(slot.changed, worker.done)
+                    if self.stopping:
+                        return  # the worker finishes its runs; the daemon bounds the wait
+                    if not worker.done.is_set():
+                        worker.retire()
+                        grace = self.config.scheduler.shutdown_grace
+                        await sleep_unless(self.clock, grace, worker.done)
+                        if not worker.done.is_set():
+                            log.warning(
+                                "%s: probes still running %.0fs after a reload: cancelling them",
+                                name,
+                                grace,
+                            )
+                            tg.cancel_scope.cancel()
+                previous = worker
+        finally:
+            if slot.want is None:
+                if self.workers.get(name) is slot.worker:
+                    del self.workers[name]
+                if self._slots.get(name) is slot:
+                    del self._slots[name]
 
     async def _cleanup_loop(self) -> None:
-        if self.store is None:
-            return
         while not self._stopping:
-            cutoff = self.clock.time() - self.config.storage.retention_days * 86400.0
-            deleted = await self.store.cleanup(older_than=cutoff)
-            if deleted:
-                log.info(
-                    "retention: deleted %d rows older than %d days",
-                    deleted,
-                    self.config.storage.retention_days,
-                )
+            await self.recorder.cleanup()
             await sleep_unless(self.clock, self.config.scheduler.cleanup_interval, self._stop_event)
+
+
+async def _wait_any(*events: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        for event in events:
+
+            async def waiter(event: anyio.Event = event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(waiter)

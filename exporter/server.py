@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 from urllib.parse import urlencode
 
 import anyio
@@ -46,9 +46,15 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exporter.asgi import BoundAddress, serve_asgi
+from exporter.asgi import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    BoundAddress,
+    serve_asgi,
+)
 from exporter.memtrim import release_after_render
-from exporter.results import ProbeResult, RequestRecord
+from exporter.results import ProbeResult
+from exporter.store import ProbeStore
 from exporter.webconfig import (
     BasicAuthenticator,
     WebConfig,
@@ -84,12 +90,9 @@ _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 _RENDER_THREADS: Final = 1
 
 
-class RunsSource(Protocol):
-    """Where /api/runs reads history from (``exporter.store.Store`` satisfies it)."""
-
-    async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
-    ) -> list[ProbeResult]: ...
+# Where /api/runs reads history from: the history store's narrow interface, the same seam the
+# recorder writes through (``exporter.store.Store`` implements it).
+RunsSource = ProbeStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,7 @@ class _RunsQuery:
 def create_app(
     *,
     registry: CollectorRegistry,
-    runs: RunsSource,
+    runs: ProbeStore,
     readiness: Callable[[], Readiness],
     reload: Callable[[], Awaitable[tuple[bool, str]]] | None,
     web_config: WebConfigSource | WebConfig | None,
@@ -145,6 +148,7 @@ def create_app(
     """
     probes = tuple(probe_names)
     render_limiter = anyio.CapacityLimiter(_RENDER_THREADS)
+    encode_limiter = anyio.CapacityLimiter(1)
 
     async def metrics(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -211,7 +215,14 @@ def create_app(
         except Exception:
             log.exception("/api/runs: reading the history failed")
             return _json({"error": "history store unavailable"}, 503)
-        return _json({"runs": [run_to_json(r) for r in results[: query.limit]]}, 200)
+        chosen = results[: query.limit]
+
+        def encode() -> Response:
+            return _json({"runs": [run_to_json(r) for r in chosen]}, 200)
+
+        # A thousand runs take tens of milliseconds to encode: in a worker thread, one at a
+        # time, so heavy /api/runs traffic cannot delay the probes' timings on the loop.
+        return await anyio.to_thread.run_sync(encode, limiter=encode_limiter)
 
     async def landing(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -261,6 +272,8 @@ async def serve(
     port: int,
     web_config: WebConfigSource | WebConfig | None = None,
     graceful_timeout: float = 5.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> AsyncIterator[BoundAddress]:
     """Serve ``app`` until the context exits; yields the bound address (port 0 works).
 
@@ -277,7 +290,13 @@ async def serve(
         # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
         log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
     async with serve_asgi(
-        app, host=host, port=port, ssl_context=ssl_context, graceful_timeout=graceful_timeout
+        app,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
+        graceful_timeout=graceful_timeout,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
     ) as address:
         log.info(
             "listening on %s (TLS %s, basic auth %s)",
@@ -305,7 +324,9 @@ def _reload_endpoint(
                 log.exception("reload failed")
                 ok, message = False, "reload failed with an internal error (see the log)"
         if ok:
-            return _json({"status": "ok"}, 200)
+            # A message beside "ok" says what the reload could not apply (restart needed).
+            extra = {"warning": _one_line(message)} if message and message != "ok" else {}
+            return _json({"status": "ok", **extra}, 200)
         return _json({"status": "error", "error": _one_line(message)}, 500)
 
     return endpoint
@@ -337,8 +358,10 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
     limit = DEFAULT_RUNS_LIMIT
     if values.get("limit"):
         text = values["limit"]
-        # Digits only: int() would also take " 5", "+5", "5_0" and "٥".
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_RUNS_LIMIT:
+        # Digits only: int() would also take " 5", "+5", "5_0" and "٥"; and at most 4 of
+        # them: int() of 4,301 digits raises (CPython's int_max_str_digits).
+        digits = text.isascii() and text.isdigit() and len(text) <= 4
+        if not digits or not 1 <= int(text) <= MAX_RUNS_LIMIT:
             raise _BadRequest(f"limit: must be an integer from 1 to {MAX_RUNS_LIMIT}")
         limit = int(text)
     return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit)
@@ -356,6 +379,9 @@ _REQUEST_FIELDS: Final = (
     "latency_seconds",
     "ttft_seconds",
     "hit",
+    "baseline_tokens",
+    "run_cached_tokens",
+    "ttft_no_faster",
     "error_type",
     "error",
 )
@@ -366,6 +392,7 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     derived columns (``time``, token sums, mean cold/warm TTFT)."""
     full = result.to_dict()
     requests = result.requests
+    ttft = full["ttft"]
     return {
         "run_id": result.run_id,
         "provider": result.provider,
@@ -382,13 +409,17 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
         "error": result.error,
         "pollution": result.pollution,
         "cache_reported": result.cache_reported,
+        "baseline_tokens": result.baseline_tokens,
         "prompt_tokens": _sum(r.prompt_tokens for r in requests),
         # None when no request reported cache fields: "not reported" is not "0 cached".
         "cached_tokens": _sum(r.cached_tokens for r in requests),
+        "run_cached_tokens": full["run_cached_tokens"],
         "request_count": len(requests),
-        "cold_ttft_seconds": _mean_ttft(requests, cold=True),
-        "warm_ttft_seconds": _mean_ttft(requests, cold=False),
-        "requests": [_request_json(r) for r in requests],
+        "cold_ttft_seconds": ttft["cold_seconds"],
+        "warm_ttft_seconds": ttft["warm_seconds"],
+        "hit_ttft_seconds": ttft["hit_seconds"],
+        "hits_no_faster": ttft["hits_no_faster"],
+        "requests": [{name: r[name] for name in _REQUEST_FIELDS} for r in full["requests"]],
         "sizes": full["sizes"],
         "ttl": full["ttl"],
         "first_miss_index": result.first_miss_index,
@@ -396,21 +427,9 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     }
 
 
-def _request_json(record: RequestRecord) -> dict[str, Any]:
-    data = record.to_dict()
-    return {name: data[name] for name in _REQUEST_FIELDS}
-
-
 def _sum(values: Any) -> int | None:
     present = [v for v in values if v is not None]
     return sum(present) if present else None
-
-
-def _mean_ttft(requests: Sequence[RequestRecord], *, cold: bool) -> float | None:
-    found = [
-        r.ttft_seconds for r in requests if r.cold == cold and r.ok and r.ttft_seconds is not None
-    ]
-    return sum(found) / len(found) if found else None
 
 
 def _rfc3339(epoch: float) -> str:

@@ -1,8 +1,9 @@
 """The exporter's in-memory state: what the last probes found, and running totals.
 
-The scheduler mutates it from the event loop; the collector reads a copy from whatever
-thread renders ``/metrics``. A lock guards both, held only for plain-data updates and for
-the copy, never across I/O, so a scrape cannot stall a probe and vice versa.
+The recorder (``exporter.recorder``) is its only writer, from the event loop; the collector
+reads a copy from whatever thread renders ``/metrics``. A lock guards both, held only for
+plain-data updates and for the copy, never across I/O, so a scrape cannot stall a probe and
+vice versa.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exporter.budget import BudgetSnapshot
 from exporter.pricing import PriceInfo, request_cost
+from exporter.report import RequestCost
 from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
 
 REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -103,6 +106,8 @@ class ModelSeries:
     consecutive_failures: int = 0
     cooldown_until: float = 0.0
     price: PriceInfo | None = None
+    # Not probed: a USD budget applies and the model has no price.
+    unpriced: bool = False
 
 
 @dataclass(slots=True)
@@ -114,6 +119,8 @@ class ProviderSeries:
     ratelimit: dict[str, float] = field(default_factory=dict)
     paused: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(PAUSE_REASONS, False))
     models: int = 0
+    # What the configured schedule is expected to cost per UTC day, by unit.
+    forecast: dict[str, float] = field(default_factory=dict)
     cycle: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     probe_duration: dict[str, Histogram] = field(default_factory=dict)
 
@@ -188,8 +195,16 @@ class State:
 
     # -- observations ---------------------------------------------------------------------
 
-    def observe_result(self, result: ProbeResult, *, restored: bool = False) -> None:
-        """Apply a finished run. ``restored`` (at start-up) sets gauges but counts nothing."""
+    def observe_result(
+        self,
+        result: ProbeResult,
+        *,
+        costs: Sequence[RequestCost] | None = None,
+        restored: bool = False,
+    ) -> None:
+        """Apply a finished run. ``costs`` (one per request) are the spend and savings the
+        recorder computed; without them they come from the model's price in force.
+        ``restored`` (at start-up) sets gauges but counts nothing."""
         with self._lock:
             entry = self._model(result.provider, result.model)
             if not restored:
@@ -206,8 +221,9 @@ class State:
                         result.probe, Histogram(DURATION_BUCKETS)
                     )
                     histogram.observe(result.duration_seconds)
-                for record in result.requests:
-                    self._observe_request(entry, result.probe, record)
+                for i, record in enumerate(result.requests):
+                    cost = costs[i] if costs is not None and i < len(costs) else None
+                    self._observe_request(entry, result.probe, record, cost)
                 if result.pollution:
                     entry.pollution += 1
             if result.verdict is Verdict.SKIPPED:
@@ -239,6 +255,14 @@ class State:
             self._providers.setdefault(provider, ProviderSeries(provider)).ratelimit.update(
                 remaining
             )
+
+    def set_forecast(self, provider: str, forecast: dict[str, float]) -> None:
+        with self._lock:
+            self._providers.setdefault(provider, ProviderSeries(provider)).forecast = dict(forecast)
+
+    def set_unpriced(self, provider: str, model: str, unpriced: bool) -> None:
+        with self._lock:
+            self._model(provider, model).unpriced = unpriced
 
     def set_paused(self, provider: str, reason: str, paused: bool) -> None:
         with self._lock:
@@ -306,7 +330,9 @@ class State:
             entry.cache_reporting = reported
 
     @staticmethod
-    def _observe_request(entry: ModelSeries, probe: str, record: RequestRecord) -> None:
+    def _observe_request(
+        entry: ModelSeries, probe: str, record: RequestRecord, cost: RequestCost | None
+    ) -> None:
         if record.attempts == 0:
             return  # never sent (budget)
         entry.requests["success" if record.ok else "failure"] += 1
@@ -318,7 +344,10 @@ class State:
         entry.cached_tokens += record.cached_tokens or 0
         entry.cache_write_tokens += record.cache_write_tokens or 0
         entry.completion_tokens += record.completion_tokens or 0
-        if entry.price is not None:
+        if cost is not None:
+            entry.spend_usd += cost.spend_usd
+            entry.savings_usd += cost.savings_usd
+        elif entry.price is not None:
             spend, savings = request_cost(entry.price, record)
             entry.spend_usd += spend
             entry.savings_usd += savings
@@ -365,6 +394,7 @@ def _copy_provider(p: ProviderSeries) -> ProviderSeries:
         balances=dict(p.balances),
         ratelimit=dict(p.ratelimit),
         paused=dict(p.paused),
+        forecast=dict(p.forecast),
         cycle=_copy_histogram(p.cycle),
         probe_duration={k: _copy_histogram(h) for k, h in p.probe_duration.items()},
     )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: the project's virtualenv, and (with --system) the Debian packages
-# the test suite needs (promtool, prometheus, amtool, alertmanager, docker-compose).
+# the test suite needs (promtool, prometheus, amtool, alertmanager, docker-compose, chromium).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ if [ "$want_system" = 1 ]; then
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
+    # Tests open the HTML reports in headless Chromium (DOM, screenshot, network log).
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
             echo "bootstrap: need root or sudo to apt-get install ${missing[*]}" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -69,14 +70,21 @@ def sim_config() -> SimConfig:
     return SimConfig(latency_scale=0.0)
 
 
-@pytest.fixture
-async def rig(sim_config: SimConfig) -> AsyncIterator[SimRig]:
+@contextlib.asynccontextmanager
+async def open_rig(config: SimConfig) -> AsyncIterator[SimRig]:
+    """A simulator with ``config`` on 127.0.0.1 and a client, sharing a fresh FakeClock."""
     clock = FakeClock()
     async with (
-        serve_simulator(sim_config, clock=clock) as sim,
+        serve_simulator(config, clock=clock) as sim,
         httpx.AsyncClient(trust_env=False) as client,
     ):
         yield SimRig(sim, clock, client)
+
+
+@pytest.fixture
+async def rig(sim_config: SimConfig) -> AsyncIterator[SimRig]:
+    async with open_rig(sim_config) as rig:
+        yield rig
 
 
 RigFactory = Callable[[SimConfig], SimRig]

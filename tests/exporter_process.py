@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import PROBE_NAMES
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-PROBE_NAMES = ("basic", "prompt_sizes", "partial", "persistence", "ttl")
 
 
 def probes_toml(**probes: str) -> str:

@@ -107,7 +107,11 @@ def _closed_pipe() -> int:
 # -- port in use ------------------------------------------------------------------------------
 
 
-def test_run_on_a_busy_port(tmp_path: Path, busy_port: int) -> None:
+@pytest.mark.anyio
+async def test_run_on_a_busy_port(tmp_path: Path, busy_port: int) -> None:
+    # An existing database, as on any run but the first (a new one is announced at INFO).
+    async with await Store.open(tmp_path / "db.sqlite", clock=SystemClock()):
+        pass
     proc = _cli("run", "--config", str(_config(tmp_path, listen=f"127.0.0.1:{busy_port}")))
     line = _one_line(proc, EXIT_USAGE, "error: server.listen: ")
     assert line == (

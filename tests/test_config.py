@@ -106,6 +106,17 @@ INVALID: dict[str, str] = {
         "(lower-case letters, e.g. usd or diem)"
     ),
     "budget": "providers[0].budget.daily_tokens: must be >= 0",
+    "usd-budget-unpriced": (
+        "providers[0].budget.daily_usd: cannot be enforced without a price for model "
+        '"sim-cache-broken": add [providers.prices."sim-cache-broken"] with input and output '
+        "in USD per million tokens (the openai models endpoint at this base URL publishes no "
+        "prices)"
+    ),
+    "usd-budget-discovered": (
+        "providers[0].budget.monthly_usd: cannot be enforced without prices: models are "
+        "discovered and the anthropic models endpoint at this base URL publishes no prices; "
+        'add [providers.prices."*"] (or one pattern per model family)'
+    ),
 }
 
 
@@ -206,11 +217,12 @@ def test_defaults():
     assert (s.cooldown, s.reliability_window, s.cleanup_interval) == (900, 86400, 86400)
     assert s.shutdown_grace == 10
     intervals = {name: config.probes.get(name).interval for name in PROBE_NAMES}
+    # The cheap default schedule (docs/configuration.md "What probing costs").
     assert intervals == {
-        "basic": 300,
-        "prompt_sizes": 3600,
-        "partial": 1800,
-        "persistence": 3600,
+        "basic": 600,
+        "prompt_sizes": 12 * 3600,
+        "partial": 2 * 3600,
+        "persistence": 6 * 3600,
         "ttl": 6 * 3600,
     }
     assert config.probes.basic.timeout == 120
@@ -632,6 +644,82 @@ def test_the_documented_check_config_output_is_what_it_prints():
     docs = (ROOT / "docs" / "configuration.md").read_text()
     command = "$ prompt-cache-exporter check-config --config examples/demo.toml\n"
     shown = docs.split(command, 1)[1].split("$ echo $?", 1)[0]
-    status, text = check_config(ROOT / "examples" / "demo.toml", env={})
+    from exporter.forecast import ConfigForecast
+
+    status, text = check_config(ROOT / "examples" / "demo.toml", env={}, forecast=ConfigForecast)
     assert status == 0
     assert shown == text + "\n"
+
+
+def test_a_config_file_over_the_size_cap_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "huge.toml"
+    path.write_text("x = '" + "a" * (1024 * 1024) + "'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert (
+        str(info.value)
+        == f"config file {path} is larger than 1024 KiB; it cannot be a configuration"
+    )
+
+
+def test_the_public_form_of_an_error_keeps_keys_and_drops_values(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[server]\nlisten = "secret-ish-host"\n[[providers]]\nname = "x"\ntype = "openai"\n'
+        'base_url = "http://127.0.0.1:1/v1"\napi_key_env = "X"\n'
+        '[providers.prices."sim-*"]\ninput = -1\noutput = 1\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "secret-ish-host" in str(info.value)
+    assert info.value.public == (
+        'server.listen: invalid listen address "…" (expected host:port, e.g. 127.0.0.1:9819, '
+        '[::1]:9819 or :9819); providers[0].prices."sim-*".input: must be >= 0'
+    )
+
+
+FORECAST_CONFIG = """
+[probes.prompt_sizes]
+enabled = false
+[[providers]]
+name = "listed"
+type = "openai"
+base_url = "http://127.0.0.1:8089/v1"
+api_key_env = ""
+models = ["a", "b"]
+[providers.budget]
+daily_tokens = 100000
+[providers.prices."*"]
+input = 1.0
+output = 4.0
+cache_read = 0.1
+[[providers]]
+name = "found"
+type = "venice"
+api_key_env = ""
+max_models = 3
+"""
+
+
+def test_check_config_prints_the_forecast(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from exporter.cli import check_config as cli_check_config
+
+    path = tmp_path / "forecast.toml"
+    path.write_text(FORECAST_CONFIG)
+    assert cli_check_config(str(path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    forecast = [line for line in lines if "forecast" in line]
+    # Per model and day (1024-token minimum × 1.05 = 1076-token prompts, max_tokens 8):
+    # tokens: basic 144 × 2 × 1076 + partial 12 × 3 × 1140 + persistence 4 × 10 × 1076
+    #   + ttl 4 × 8 × 1076 = 428 400;
+    # µ$ (cold at $1, cached at $0.1, completions at $4 per M): basic 144 × 1247.6 + partial
+    #   12 × 1550.4 + persistence 4 × 2364.4 + ttl 16 × 1247.6 = 227 678.4, × 2 models.
+    assert forecast == [
+        "  forecast: 856800 prompt tokens/day, $0.4554/day for 2 models",
+        "  forecast exceeds the daily token budget (100000): probing pauses when the budget "
+        "runs out",
+        "  forecast: 428400 prompt tokens/day per model (models are discovered: at most 3 "
+        "models, 1285200 prompt tokens/day; a model with a larger cacheable minimum costs "
+        "more)",
+        "forecast total: 2142000 prompt tokens/day (discovered providers counted at max_models)",
+    ]

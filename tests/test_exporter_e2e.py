@@ -51,6 +51,8 @@ CATALOGUE = {
     "llmcache_budget_limit",
     "llmcache_budget_used",
     "llmcache_budget_exhausted",
+    "llmcache_budget_forecast",
+    "llmcache_model_unpriced",
     "llmcache_reliability_score",
     "llmcache_consecutive_failures",
     "llmcache_model_cooldown",
@@ -110,6 +112,14 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
                     provider="venice-sim",
                     model="sim-cache-ok",
                     probe="partial",
+                )
+                is not None
+                and value(
+                    s,
+                    "llmcache_caching_works",
+                    provider="sim",
+                    model="sim-cache-evicting",
+                    probe="persistence",
                 )
                 is not None
             )
@@ -207,7 +217,22 @@ def test_full_catalogue_with_values_that_match_each_model(sim: SimProcess, tmp_p
         ) > 0
         assert v("llmcache_budget_exhausted", provider="venice-sim") == 0
         assert v("llmcache_provider_paused", provider="sim", reason="balance") == 0
-        assert v("llmcache_models", provider="sim") == 8
+        assert v("llmcache_models", provider="sim") == 11
+        # Servers that report the shared chat-template tokens as cached on every request:
+        # judged on the run's own prompt, by every consumer (verdicts, SLO counters, the
+        # cache label of the histograms, pollution).
+        evicting = {"provider": "sim", "model": "sim-cache-evicting"}
+        assert v("llmcache_caching_works", probe="basic", **evicting) == 0
+        assert v("llmcache_caching_works", probe="persistence", **evicting) == 0
+        for model in ("sim-cache-template", "sim-cache-blocks"):
+            assert v("llmcache_caching_works", provider="sim", model=model, probe="basic") == 1
+        assert (v("llmcache_warm_requests_total", **evicting) or 0) > 0
+        assert v("llmcache_warm_request_hits_total", **evicting) == 0
+        assert v("llmcache_time_to_first_token_seconds_count", cache="hit", **evicting) == 0
+        assert v("llmcache_persistence_hit_ratio", **evicting) == 0
+        assert (v("llmcache_cached_tokens_total", **evicting) or 0) > 0  # the template, as billed
+        for model in ("sim-cache-evicting", "sim-cache-template"):
+            assert v("llmcache_cache_pollution_total", provider="sim", model=model) == 0
         assert v("llmcache_models", provider="venice-sim") == 2
         score = v("llmcache_reliability_score", provider="sim", model="sim-cache-ok")
         assert score is not None
@@ -263,16 +288,18 @@ isolation_delay = "0s"
         config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
     )
     try:
+        # Both models, not just the one probed last: the snapshot below must be final.
         assert wait_for(
-            lambda: (
+            lambda: all(
                 value(
                     first.scrape(),
                     "llmcache_caching_works",
                     provider="sim",
-                    model="sim-cache-broken",
+                    model=model,
                     probe="basic",
                 )
                 is not None
+                for model in ("sim-cache-ok", "sim-cache-broken")
             ),
             30,
         )
@@ -467,3 +494,67 @@ def test_locked_and_full_database_keep_metrics_serving(sim: SimProcess, tmpfs: P
         assert "could not be flushed" not in exporter.log()
     finally:
         exporter.kill()
+
+
+def test_balances_persist_and_a_restart_with_the_upstream_down_stays_paused(
+    tmp_path: Path,
+) -> None:
+    """SPEC §7: balances are stored and restored at start with the pause they imply, before
+    any request (the upstream is down by then, so nothing new could be learnt)."""
+    db = tmp_path / "db.sqlite"
+    with simulator("--balance-diem", "0.0005", "--balance-usd", "0") as low:
+        providers = f"""
+[[providers]]
+name = "ven"
+type = "venice"
+base_url = "{low.base_url}"
+api_key_env = "SIM_API_KEY"
+models = ["sim-cache-ok"]
+isolation_delay = "0s"
+balance_check_interval = "1h"
+"""
+        text = config_text(
+            sim_url=low.base_url, db_path=db, providers=providers, probes=ONE_MODEL_PROBES
+        )
+        first = start_exporter(tmp_path, text)
+        try:
+            # The first responses report 0.0005 DIEM, below the 0.001 threshold: paused.
+            assert wait_for(
+                lambda: (
+                    value(
+                        first.scrape(), "llmcache_provider_paused", provider="ven", reason="balance"
+                    )
+                    == 1
+                ),
+                30,
+            ), first.log()[-2000:]
+            last = value(first.scrape(), "llmcache_balance", provider="ven", currency="diem")
+            assert last is not None
+            assert last < 0.001
+            assert first.terminate() == 0
+        finally:
+            first.kill()
+    with sqlite3.connect(db) as conn:
+        (stored,) = conn.execute(
+            "SELECT amount FROM balances WHERE provider = 'ven' AND currency = 'diem' "
+            "ORDER BY at DESC, id DESC LIMIT 1"
+        ).fetchone()
+        runs_before = conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0]
+    assert stored == last
+    # The simulator is gone: restart against a dead upstream.
+    second = start_exporter(tmp_path, text, "second.toml")
+    try:
+        s = second.scrape()  # the very first scrape
+        assert value(s, "llmcache_balance", provider="ven", currency="diem") == last
+        assert value(s, "llmcache_provider_paused", provider="ven", reason="balance") == 1
+        time.sleep(3)  # several basic intervals: a paused provider is not probed
+        assert (
+            value(second.scrape(), "llmcache_provider_paused", provider="ven", reason="balance")
+            == 1
+        )
+        assert second.terminate() == 0
+    finally:
+        second.kill()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0] == runs_before
+    assert "below the stop threshold" in second.log()

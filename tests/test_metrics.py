@@ -7,10 +7,12 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.hits import HitRule
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.pricing import resolve_price
 from exporter.results import ErrorType, ModelPrice, ProbeResult, RequestRecord, SizeOutcome, Verdict
 from exporter.state import State
+from tests.conftest import SimRig
 
 NOW = 1_700_000_000.0
 
@@ -55,7 +57,8 @@ def record(
     )
     if ok:
         r.prompt_tokens, r.cached_tokens = prompt, cached
-        r.hit = None if cached is None else cached > 0
+        r.baseline_tokens = None if cached is None else 0
+        r.hit = HitRule(0).is_hit(cached, prompt)
     else:
         r.error_type, r.error = ErrorType.API_ERROR, "HTTP 500"
     return r
@@ -274,3 +277,42 @@ def test_openmetrics_rendering_is_valid() -> None:
     assert text.endswith("# EOF\n")
     assert "llmcache_probe_runs_total{" in text
     assert "_created" not in text.replace("process_start_time", "")
+
+
+@pytest.mark.anyio
+async def test_warm_counters_and_cache_label_follow_the_hit_rule(rig: SimRig) -> None:
+    """Real runs against the simulator, scraped: the evicting server's template tokens are
+    misses everywhere (SLO counters, latency and TTFT histograms), the template server's
+    repeats are hits."""
+    state = State()
+    models = ["sim-cache-evicting", "sim-cache-template"]
+    state.configure_provider(
+        "sim", probes=("basic", "persistence"), intervals={"basic": 300.0, "persistence": 900.0}
+    )
+    state.set_models("sim", models, {})
+    for model in models:
+        for probe in ("basic", "persistence"):
+            state.observe_result(await rig.probe(probe, model))
+    s = samples(state)
+
+    def count(name: str, model: str, **labels: str) -> float | None:
+        return get(s, name, provider="sim", model=model, **labels)
+
+    # basic: prime + 1 repeat; persistence: 1 cold + 9 warm. 2 cold, 10 warm per model.
+    assert count("llmcache_warm_requests_total", "sim-cache-evicting") == 10
+    assert count("llmcache_warm_request_hits_total", "sim-cache-evicting") == 0
+    assert count("llmcache_warm_requests_total", "sim-cache-template") == 10
+    assert count("llmcache_warm_request_hits_total", "sim-cache-template") == 10
+    for histogram in ("llmcache_time_to_first_token_seconds", "llmcache_request_duration_seconds"):
+        name = histogram + "_count"
+        assert count(name, "sim-cache-evicting", cache="hit") == 0
+        assert count(name, "sim-cache-evicting", cache="miss") == 12
+        assert count(name, "sim-cache-template", cache="hit") == 10
+        assert count(name, "sim-cache-template", cache="miss") == 2
+    # Not pollution, and the raw token counter still shows what was reported (and billed).
+    assert count("llmcache_cache_pollution_total", "sim-cache-evicting") == 0
+    assert count("llmcache_cached_tokens_total", "sim-cache-evicting") == 12 * 8
+    assert count("llmcache_hit_ratio", "sim-cache-evicting", probe="basic", size="") == 0
+    assert count("llmcache_persistence_hit_ratio", "sim-cache-evicting") == 0
+    assert count("llmcache_caching_works", "sim-cache-evicting", probe="persistence") == 0
+    assert count("llmcache_caching_works", "sim-cache-template", probe="persistence") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -17,8 +18,14 @@ from pathlib import Path
 import anyio
 import pytest
 
+from exporter import reports
+from exporter.clock import SystemClock
+from exporter.probe_progress import Progress
+from exporter.reports import text as text_report
 from exporter.simulator.config import SimConfig
+from exporter.simulator.models import SimModel
 from exporter.simulator.server import serve_simulator
+from tests.conftest import open_rig
 from tests.simulator_process import SimProcess, simulator
 from tests.stream_lines import Lines
 
@@ -92,6 +99,40 @@ async def test_json_output_and_exit_status(
     _assert_no_secret(proc, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("model", "status", "works", "baseline"),
+    # Token-granular: after the first run, a cold request also shares the system message's
+    # three markers and "Run" with earlier prompts (12 tokens, still the baseline).
+    [("sim-cache-evicting", 1, False, {8}), ("sim-cache-template", 0, True, {8, 12})],
+)
+async def test_json_verdicts_on_servers_that_cache_the_chat_template(
+    sim_url: str, model: str, status: int, works: bool, baseline: set[int]
+) -> None:
+    """The issue's must-show: a busy server that reports only the shared template tokens is
+    not a working cache; a server that reports them as well as the prompt is."""
+    for probe in ("basic", "persistence"):
+        proc = await _cli("--base-url", sim_url, "--model", model, "--probe", probe, "--json")
+        assert proc.returncode == status, proc.stderr.decode()
+        (result,) = json.loads(proc.stdout)["probes"]
+        assert result["caching_works"] is works
+        assert result["pollution"] is False
+        assert result["baseline_tokens"] in baseline
+        if works:
+            assert result["hit_ratio"] > 0.9
+        else:
+            assert result["hit_ratio"] < 0.5
+            assert result["run_cached_tokens"] == 0
+        cold = [r for r in result["requests"] if r["cold"]]
+        assert [r["cached_tokens"] for r in cold] == [result["baseline_tokens"]]
+        assert all(r["hit"] is works for r in result["requests"] if not r["cold"])
+        assert set(result["ttft"]) == {
+            "cold_seconds",
+            "warm_seconds",
+            "hit_seconds",
+            "hits_no_faster",
+        }
+
+
 async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> None:
     proc = await _cli(
         "--base-url", sim_url, "--model", "sim-cache-ok", *FAST, "--evidence-dir", str(tmp_path)
@@ -100,6 +141,8 @@ async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> 
     out = proc.stdout.decode()
     assert "basic: works" in out
     assert re.search(r"\b2\s+repeat\s+200\s+1\s+\d+\s+\d+", out)
+    assert "baseline: 0 cached tokens every prompt shares" in out
+    assert re.search(r"ttft: cold \d+\.\d{3}s, warm \d+\.\d{3}s \(hits \d+\.\d{3}s\)", out)
     assert '-H "Authorization: Bearer $PCE_API_KEY"' in out
     _assert_no_secret(proc, tmp_path)
     # The printed command replays the request for real (the shell supplies the key).
@@ -372,3 +415,49 @@ def test_default_evidence_dirs_keep_the_last_ten_runs(
     assert runs[-1] == current
     assert runs[:-1] == old[-9:]  # the oldest went first
     assert unrelated.is_dir()  # only directories named like runs are removed
+
+
+async def test_evidence_table_shows_the_baseline_and_the_ttft_witness() -> None:
+    """The table's own column and notes, from real runs on the fake clock (exact TTFTs)."""
+    flat = SimModel("sim-flat-ttft", prefill_seconds_per_token=0.0, output_token_seconds=0.0)
+    template = SimModel(
+        "sim-cache-template",
+        min_cacheable_tokens=0,
+        granularity=1,
+        template_tokens=8,
+        output_token_seconds=0.0,
+    )
+    async with open_rig(SimConfig(models=(flat, template), latency_scale=1.0)) as rig:
+        results = [await rig.probe("basic", "sim-cache-template")]
+        results.append(await rig.probe("basic", "sim-flat-ttft"))
+    adapter = rig.context("sim-cache-template").adapter
+    report = reports.ProbeReport(
+        info=reports.ReportInfo(generated_at=0.0),
+        provider_type="openai",
+        base_url=adapter.base_url,
+        model="m",
+        exit_status=0,
+        results=results,
+    )
+    text = reports.render_probe("text", report)
+    first, second = text.split("\n== basic ==\n")[1:]
+    assert "baseline: 8 cached tokens every prompt shares" in first
+    repeat = results[0].requests[1]
+    assert repeat.run_cached_tokens is not None
+    assert re.search(rf"repeat .* {repeat.cached_tokens}\s+{repeat.run_cached_tokens}\s", first)
+    assert "no faster" not in first
+    # A "hit" that saved no prefill time: shown, and the verdict still says works.
+    assert "\nbasic: works" in second
+    assert "1 hit(s) no faster than the cold request before them" in second
+    assert re.search(r"repeat .* hit, no faster than cold", second)
+    # Live, the same rows (own column and TTFT flag included) and findings appear as each
+    # request and each probe completes.
+    live = io.StringIO()
+    progress = Progress(live, clock=SystemClock())
+    progress.line(text_report.probe_target("openai", adapter.base_url, "m"))
+    for result in results:
+        progress.start_probe(result.probe)
+        for record in result.requests:
+            progress.request_done(record)
+        progress.probe_done(result)
+    assert live.getvalue() == text

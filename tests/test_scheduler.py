@@ -1,9 +1,11 @@
-"""Scheduler timing, exactly: intervals, isolation delay, concurrency, failure tracking,
-cooldown, balance pause/resume, budget skips, restore and reload, on a virtual clock with a
-scripted probe runner (no network, no real time)."""
+"""Scheduler timing, exactly: intervals, isolation delay, concurrency, per-model scheduling,
+failure tracking and the cooldown breaker, balance pause/resume, restore and reload, on a
+virtual clock with a scripted probe runner (no network, no real time). The budget's pause is
+tested against a real ledger and the simulator in tests/test_budget_pause.py."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +17,13 @@ import pytest
 
 from exporter.clock import VirtualClock
 from exporter.config import Config, load_config
-from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
+from exporter.recorder import Recorder, Restored
+from exporter.report import RunReport
+from exporter.results import ErrorType, ProbeResult, RequestRecord, ResponseMeta, Verdict
 from exporter.runtime import ProviderRuntime
-from exporter.scheduler import Restored, Scheduler
+from exporter.scheduler import Scheduler
 from exporter.state import State
+from exporter.store import Store
 
 pytestmark = pytest.mark.anyio
 T0 = 1_700_000_000.0
@@ -29,8 +34,9 @@ def make_config(tmp_path: Path, provider: str = "", **probes: str) -> Config:
     lines = [f'[storage]\npath = "{tmp_path / "db.sqlite"}"\n']
     for name in ("basic", "prompt_sizes", "partial", "persistence", "ttl"):
         if name in enabled:
-            interval = enabled[name]
-            lines.append(f'[probes.{name}]\ninterval = "{interval}"\ntimeout = "30s"\n')
+            interval, _, timeout = enabled[name].partition("/")  # "5s/4s": with a timeout
+            timeout = timeout or ("2m" if name == "ttl" else "30s")  # ttl's delays need 46 s
+            lines.append(f'[probes.{name}]\ninterval = "{interval}"\ntimeout = "{timeout}"\n')
         else:
             lines.append(f"[probes.{name}]\nenabled = false\n")
     lines.append(
@@ -58,14 +64,15 @@ class Runner:
         self.calls: list[tuple[float, str, str]] = []
         self.verdicts: Callable[[str, int], Verdict] = lambda model, n: Verdict.WORKS
         self.records: Callable[[str], list[RequestRecord]] = lambda model: []
+        self.metas: Callable[[str], list[ResponseMeta]] = lambda model: []
 
-    async def __call__(self, runtime: ProviderRuntime, model: str, probe: str) -> ProbeResult:
+    async def __call__(self, runtime: ProviderRuntime, model: str, probe: str) -> RunReport:
         start = self.clock.time()
         self.calls.append((start - T0, model, probe))
         if self.duration:
             await self.clock.sleep(self.duration)
         verdict = self.verdicts(model, sum(1 for c in self.calls if c[1] == model))
-        return ProbeResult(
+        result = ProbeResult(
             probe=probe,
             provider=runtime.name,
             model=model,
@@ -76,6 +83,7 @@ class Runner:
             error_type=ErrorType.API_ERROR if verdict is Verdict.ERROR else None,
             requests=self.records(model),
         )
+        return RunReport.of(result, runtime.price_info(model), self.metas(model))
 
 
 async def start(
@@ -83,17 +91,17 @@ async def start(
 ) -> tuple[Scheduler, State, httpx.AsyncClient]:
     state = State()
     client = httpx.AsyncClient()
+    recorder = kwargs.pop("recorder", None) or Recorder(state, None, None, clock, config)
     scheduler = Scheduler(
         config,
-        state=state,
-        store=None,
+        recorder=recorder,
         budget=None,
         clock=clock,
         client=client,
         runner=runner,
         **kwargs,
     )
-    return scheduler, state, client
+    return scheduler, recorder.state, client
 
 
 async def run_for(
@@ -170,7 +178,7 @@ async def test_failures_warn_then_cooldown_then_reset(
     runner.verdicts = lambda model, n: Verdict.ERROR if model == "m1" and n <= 6 else Verdict.WORKS
     config = make_config(tmp_path, basic="1m")
     scheduler, state, client = await start(config, clock, runner)
-    caplog.set_level(logging.WARNING, "exporter.scheduler")
+    caplog.set_level(logging.WARNING, "exporter.recorder")
     async with client, anyio.create_task_group() as tg:
         tg.start_soon(scheduler.run)
         await clock.advance(4 * 60 + 1)  # runs at 0, 60, 120, 180, 240: 5 failures
@@ -198,14 +206,19 @@ async def test_failures_warn_then_cooldown_then_reset(
 async def test_balance_below_threshold_pauses_and_resumes(tmp_path: Path) -> None:
     provider = """[[providers]]
 name = "p"
-type = "venice"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
 api_key_env = "P_KEY"
 models = ["m1"]
+balance_currency = "diem"
 balance_stop_threshold = 0.5
 balance_check_interval = "10m"
 """
     clock = VirtualClock(T0)
     runner = Runner(clock)
+    balance = {"diem": 3.0}
+    # Every response reports the balance before the request, as Venice's headers do.
+    runner.metas = lambda model: [ResponseMeta(balances=dict(balance))]
     config = make_config(tmp_path, provider, basic="1m")
     scheduler, state, client = await start(config, clock, runner)
     checks: list[float] = []
@@ -214,19 +227,20 @@ balance_check_interval = "10m"
         await clock.settle()
         worker = scheduler.workers["p"]
 
-        async def check() -> None:
+        async def check() -> dict[str, float]:
             checks.append(clock.time() - T0)
             if len(checks) == 2:
-                state.set_balance("p", "diem", 3.0)  # topped up
+                balance["diem"] = 3.0  # topped up before the second check
+            return dict(balance)
 
         worker.check_balance = check
         await clock.advance(61)
         assert [c[0] for c in runner.calls] == [0, 60]
-        state.set_balance("p", "diem", 0.2)  # what a response header would report
+        balance["diem"] = 0.2  # the run at 120 reports a balance below the threshold
         await clock.advance(3000)
-        # Paused at 120: balance checks every 10 minutes, probing resumes after the second.
+        # Paused after 120: balance checks every 10 minutes, probing resumes after the second.
         assert checks == [120, 720]
-        assert [c[0] for c in runner.calls][:3] == [0, 60, 720]
+        assert [c[0] for c in runner.calls][:4] == [0, 60, 120, 720]
         assert state.paused("p") == {"balance": False, "budget": False}
         scheduler.stop()
         await clock.advance(60)
@@ -253,86 +267,36 @@ async def test_insufficient_funds_pauses_the_provider(tmp_path: Path) -> None:
         await clock.settle()
         scheduler.workers["p"].check_balance = _never_ok
         await clock.advance(300)
-        # The first 402 stops the cycle: m2 is not even tried.
+        # The first 402 stops the provider: m2 is not even tried.
         assert runner.calls == [(0, "m1", "basic")]
         assert state.paused("p")["balance"] is True
         scheduler.stop()
         await clock.advance(600)
 
 
-async def _never_ok() -> None:
+async def _never_ok() -> dict[str, float]:
     from exporter.transport import TransportError
 
     raise TransportError(ErrorType.INSUFFICIENT_FUNDS, "HTTP 402", 402)
 
 
-class FakeBudget:
-    def __init__(self) -> None:
-        self.fits = False
-
-    def would_fit(self, provider: str, tokens: int, usd: float) -> bool:
-        return self.fits
-
-    def snapshot(self) -> dict[str, Any]:
-        return {}
-
-    def set_limits(self, limits: object) -> None:
-        pass
-
-
-async def test_probes_that_do_not_fit_the_budget_are_skipped(tmp_path: Path) -> None:
-    provider = """[[providers]]
-name = "p"
-type = "openai"
-base_url = "http://127.0.0.1:9/v1"
-api_key_env = "P_KEY"
-models = ["m1"]
-[providers.budget]
-daily_tokens = 1000
-"""
+async def test_restored_runs_and_cooldowns_hold_after_a_restart(tmp_path: Path) -> None:
     clock = VirtualClock(T0)
     runner = Runner(clock)
-    config = make_config(tmp_path, provider, basic="1m")
-    budget = FakeBudget()
+    config = make_config(tmp_path)
     state = State()
-    async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
-        scheduler = Scheduler(
-            config,
-            state=state,
-            store=None,
-            budget=budget,  # type: ignore[arg-type]
-            clock=clock,
-            client=client,
-            runner=runner,
+    async with await Store.open(tmp_path / "db.sqlite", clock=clock) as store:
+        # What the previous process left: m2 failed five times and cools down until T0+500.
+        await store.save_model_state(
+            "p", "m2", consecutive_failures=5, consecutive_successes=0, cooldown_until=T0 + 500
         )
-        tg.start_soon(scheduler.run)
-        await clock.advance(150)
-        assert runner.calls == []  # never sent
-        snap = state.snapshot()
-        assert snap.models[0].runs[("basic", "skipped")] == 3
-        assert snap.models[0].probes["basic"].last_run == 0.0  # no verdict was replaced
-        budget.fits = True
-        await clock.advance(60)
-        assert [c[0] for c in runner.calls] == [180]
-        scheduler.stop()
-        await clock.advance(60)
-
-
-async def test_restored_runs_are_not_repeated_at_start(tmp_path: Path) -> None:
-    clock = VirtualClock(T0)
-    runner = Runner(clock)
-    restored = Restored(
-        last_started={("p", "m1", "basic"): T0 - 100},
-        model_states={
-            (
-                "p",
-                "m2",
-            ): (5, 0, T0 + 500)
-        },  # type: ignore[dict-item]
-    )
-    await run_for(make_config(tmp_path), 700, runner, clock, restored=restored)
-    # m1 ran 100 s before the restart: next at 200. m2 is in cooldown until 500.
-    # Both due at 500: m2 (due since start) first, m1 after the isolation delay.
+        recorder = Recorder(state, store, None, clock, config)
+        await recorder.restore()
+    recorder.store = None  # closed; the run below needs no history
+    restored = Restored(last_started={("p", "m1", "basic"): T0 - 100})
+    await run_for(config, 700, runner, clock, restored=restored, recorder=recorder)
+    # m1 ran 100 s before the restart: next at 200. m2 is in cooldown until 500, then its
+    # trial run; m1 (due at 500 too) follows after the isolation delay.
     assert runner.calls[:3] == [(200, "m1", "basic"), (500, "m2", "basic"), (505, "m1", "basic")]
 
 
@@ -409,8 +373,7 @@ async def test_retention_cleanup_runs_at_start_and_every_interval(tmp_path: Path
     async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
         scheduler = Scheduler(
             config,
-            state=State(),
-            store=store,  # type: ignore[arg-type]
+            recorder=Recorder(State(), store, None, clock, config),  # type: ignore[arg-type]
             budget=None,
             clock=clock,
             client=client,
@@ -422,3 +385,154 @@ async def test_retention_cleanup_runs_at_start_and_every_interval(tmp_path: Path
         await clock.advance(3600)
     retention = 30 * 86400  # the default retention_days
     assert store.cutoffs == [T0 - retention, T0 + 86400 - retention, T0 + 2 * 86400 - retention]
+
+
+ALL_PROBES = dict.fromkeys(("basic", "prompt_sizes", "partial", "persistence", "ttl"), "5m")
+
+
+async def test_cooldown_is_a_breaker_one_trial_run_decides(tmp_path: Path) -> None:
+    provider = """[[providers]]
+name = "p"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "P_KEY"
+models = ["m1"]
+isolation_delay = "1s"
+"""
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    runner.verdicts = lambda model, n: Verdict.ERROR if n <= 6 else Verdict.WORKS
+    config = make_config(tmp_path, provider, **ALL_PROBES)
+    scheduler, state, client = await start(config, clock, runner)
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        await clock.advance(60)
+        # Five probes due at once, five failures, one second apart: the breaker opens.
+        assert [c[0] for c in runner.calls] == [0, 1, 2, 3, 4]
+        await clock.advance(4 + 900 - 60 - 1)  # the cooldown runs from the 5th failure, at 4 s
+        assert len(runner.calls) == 5  # nothing while it is open
+        await clock.advance(30)
+        # Expired at 904: exactly one trial run (basic), it fails, straight back to cooldown.
+        assert runner.calls[5:] == [(904, "m1", "basic")]
+        snap = next(m for m in state.snapshot().models if m.model == "m1")
+        assert snap.cooldown_until == T0 + 904 + 900
+        await clock.advance(900)
+        # The second trial succeeds: back on schedule, every overdue probe runs again.
+        assert runner.calls[6] == (1804, "m1", "basic")
+        assert [c[2] for c in runner.calls[7:11]] == [
+            "prompt_sizes",
+            "partial",
+            "persistence",
+            "ttl",
+        ]
+        scheduler.stop()
+        await clock.advance(60)
+
+
+async def test_a_slow_model_delays_only_itself(tmp_path: Path) -> None:
+    provider = """[[providers]]
+name = "p"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "P_KEY"
+models = ["fast1", "fast2", "slow"]
+isolation_delay = "0s"
+concurrency = 2
+"""
+    clock = VirtualClock(T0)
+
+    class SlowRunner(Runner):
+        async def __call__(self, runtime: ProviderRuntime, model: str, probe: str) -> RunReport:
+            self.duration = 20.0 if model == "slow" else 0.5
+            return await super().__call__(runtime, model, probe)
+
+    runner = SlowRunner(clock)
+    config = make_config(tmp_path, provider, basic="5s/4s")
+    await run_for(config, 120, runner, clock)
+    for model in ("fast1", "fast2"):
+        starts = [c[0] for c in runner.calls if c[1] == model]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        # Every 5 s (the interval), although one slot is held by the slow model for 20 s.
+        assert max(gaps) <= 5.5, (model, gaps)
+        assert len(starts) >= 20
+    slow = [c[0] for c in runner.calls if c[1] == "slow"]
+    assert all(b - a >= 20 for a, b in itertools.pairwise(slow))
+
+
+PROVIDER_Q = """[[providers]]
+name = "q"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "Q_KEY"
+models = ["x"]
+isolation_delay = "{delay}"
+"""
+
+
+async def test_reloads_replace_the_worker_once_and_coalesce(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    runner = Runner(clock, duration=8)  # shorter than the 10 s grace
+    config = make_config(tmp_path, PROVIDER_Q.format(delay="1s"), basic="30s/25s")
+    scheduler, _state, client = await start(config, clock, runner)
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        await clock.advance(5)  # x's first run (0 to 8 s) is in flight
+        first = scheduler.workers["q"]
+        for delay in ("2s", "3s", "4s"):  # a change mid-probe, then two more back to back
+            changed = make_config(tmp_path, PROVIDER_Q.format(delay=delay), basic="30s/25s")
+            scheduler.apply(changed)
+        await clock.advance(1)
+        assert first.runtime.retired  # nothing more is sent by the old worker
+        assert scheduler.workers["q"] is first  # still draining: no second worker yet
+        await clock.advance(20)
+        # The old worker finished its run; ONE new worker, with the last configuration.
+        worker = scheduler.workers["q"]
+        assert worker is not first
+        assert first.done.is_set()
+        assert worker.pconf.isolation_delay == 4.0
+        assert not worker.runtime.retired
+        assert [c[0] for c in runner.calls] == [0]  # next due 30 s after the last start
+        await clock.advance(30)
+        assert [c[0] for c in runner.calls] == [0, 30]
+        scheduler.stop()
+        await clock.advance(60)
+
+
+async def test_a_changed_interval_applies_from_the_last_run(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    config = make_config(tmp_path, PROVIDER_Q.format(delay="0s"), basic="30s/25s")
+    scheduler, _, client = await start(config, clock, runner)
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        await clock.advance(70)
+        assert [c[0] for c in runner.calls] == [0, 30, 60]
+        scheduler.apply(make_config(tmp_path, PROVIDER_Q.format(delay="0s"), basic="10m"))
+        await clock.advance(3600)
+        # No old 30 s cadence and no run at reload: 10 minutes after the last start, then on.
+        assert [c[0] for c in runner.calls] == [0, 30, 60, 660, 1260, 1860, 2460, 3060, 3660]
+        scheduler.stop()
+        await clock.advance(60)
+
+
+async def test_a_removed_provider_stops_within_its_grace(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    runner = Runner(clock, duration=600)  # far longer than the grace
+    config = make_config(tmp_path, PROVIDER_Q.format(delay="0s"), basic="30m")
+    other = make_config(tmp_path, basic="30m")  # provider p only
+    scheduler, state, client = await start(config, clock, runner)
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        await clock.advance(5)
+        worker = scheduler.workers["q"]
+        scheduler.apply(other)
+        # At once: not counted (/readyz), its series gone, nothing more sent.
+        assert "q" not in scheduler.workers
+        assert "q" not in {p.name for p in state.snapshot().providers}
+        assert worker.runtime.retired
+        await clock.advance(10)  # the default grace is 10 s: its run was cancelled
+        assert worker.done.is_set()
+        assert "q" not in {p.name for p in state.snapshot().providers}
+        assert set(scheduler.workers) == {"p"}
+        scheduler.stop()
+        await clock.advance(900)

@@ -255,6 +255,72 @@ async def test_broken_and_no_fields_models() -> None:
             assert usage == {"prompt_tokens": 2000, "completion_tokens": 5, "total_tokens": 2005}
 
 
+async def test_template_tokens_are_cached_on_every_request_cold_ones_included() -> None:
+    async with running() as (sim, client):
+        first = messages(1500, nonce="alpha")
+        # The very first request: only the 8 template tokens, which every prompt shares.
+        body = (await chat(client, "sim-cache-template", first)).json()
+        assert body["usage"]["prompt_tokens"] == 1508
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 8}
+        # Token-granular: the repeat is served whole, template included.
+        assert await cached_of(client, "sim-cache-template", first) == 1508
+        # Another prompt shares the template and the system message's three opening markers.
+        assert await cached_of(client, "sim-cache-template", messages(1500, nonce="beta")) == 11
+        # A shorter prompt whose system text is the head of the first one's shares all of it
+        # (template, 3 markers, 1188 words) up to its own end-of-message marker.
+        same_head = messages(1200, nonce="alpha", user="bye")
+        assert await cached_of(client, "sim-cache-template", same_head) == 8 + 3 + 1188
+        log = sim.state.log_entries("sim-cache-template", 10)
+        assert [e["prompt_tokens"] for e in log] == [1508, 1508, 1508, 1208]
+
+
+async def test_an_evicting_server_only_ever_serves_the_template() -> None:
+    clock = FakeClock()
+    async with running(fast(latency_scale=1.0), clock) as (_, client):
+        msgs = messages(1500)
+        assert [await cached_of(client, "sim-cache-evicting", msgs) for _ in range(3)] == [8] * 3
+        # Every request prefills all 1500 tokens but the template's: warm ones take exactly
+        # as long as the cold one (a plain response waits for its 5 output tokens too).
+        assert clock.sleeps == pytest.approx([0.05 + 0.0002 * 1500 + 0.01 * 4] * 3)
+
+
+async def test_the_blocks_model_serves_whole_blocks_above_1024() -> None:
+    async with running() as (_, client):
+        for total, warm in ((1000, 0), (1151, 1024), (1152, 1152), (2100, 2048)):
+            msgs = messages(total, nonce=f"n{total}")
+            assert await cached_of(client, "sim-cache-blocks", msgs) == 0
+            assert await cached_of(client, "sim-cache-blocks", msgs) == warm
+
+
+async def test_lazy_persistence_keeps_a_prefix_from_its_second_sending() -> None:
+    lazy = SimModel("sim-lazy", persist_after=2, granularity=64, min_cacheable_tokens=64)
+    async with running(with_models(lazy)) as (_, client):
+        msgs = messages(1500)
+        assert [await cached_of(client, "sim-lazy", msgs) for _ in range(4)] == [0, 0, 1472, 1472]
+        # Another prompt starts over; the first one stays kept.
+        other = messages(1500, nonce="other")
+        assert await cached_of(client, "sim-lazy", other) == 0
+        assert await cached_of(client, "sim-lazy", msgs) == 1472
+
+
+async def test_anthropic_template_tokens_are_cache_reads() -> None:
+    template = SimModel("sim-tpl", template_tokens=8, min_cacheable_tokens=1024)
+    async with running(with_models(template)) as (_, client):
+        body = anthropic_body(
+            [{"type": "text", "text": long_text(1100), "cache_control": {"type": "ephemeral"}}]
+        )
+        body["model"] = "sim-tpl"
+        cold = (await client.post("/v1/messages", json=body)).json()["usage"]
+        warm = (await client.post("/v1/messages", json=body)).json()["usage"]
+        assert cold["cache_read_input_tokens"] == 8
+        assert cold["cache_creation_input_tokens"] == 1103  # 3 markers + 1100 words
+        assert warm["cache_read_input_tokens"] == 8 + 1103
+        # Whole prompt = template + system message (1100 words, 4 markers) + user "hi"
+        # (1 word, 4 markers) + reply priming (3), as input + read + creation.
+        whole = sum(cold[k] for k in ("input_tokens", "cache_read_input_tokens"))
+        assert whole + cold["cache_creation_input_tokens"] == 8 + 1104 + 5 + 3
+
+
 async def _flaky_sequence(seed: int, tries: int = 40) -> list[bool]:
     async with running(fast(seed=seed)) as (_, client):
         msgs = messages(1500)
@@ -1037,6 +1103,11 @@ def test_load_sim_config_overrides_and_adds_models(tmp_path: Path) -> None:
         ("[[models]]\nttl = 3\n", "models[0]: name is required"),
         ('[[models]]\nname = "x"\ncache_mode = "sometimes"\n', "cache_mode must be one of"),
         ('[[models]]\nname = "x"\nttl = "3"\n', "ttl must be a positive number"),
+        (
+            '[[models]]\nname = "x"\ntemplate_tokens = -8\n',
+            "template_tokens must be a non-negative integer",
+        ),
+        ('[[models]]\nname = "x"\npersist_after = 0\n', "persist_after must be a positive integer"),
         ("balance_usd = -1\n", "balance_usd must be a non-negative number"),
         ("seed = [", "not valid TOML"),
         ('api_key_env = "PCE_TEST_SURELY_UNSET"\n', "PCE_TEST_SURELY_UNSET is not set"),

@@ -976,3 +976,114 @@ async def test_a_write_that_fails_with_a_bug_does_not_block_the_queue(
     finally:
         assert await engine.close() == 0
     assert query(db_path, "SELECT count(*) FROM balances") == [(1,)]
+
+
+# --- the ledger survives deletion; corruption is refused -------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["delete", "replace"])
+async def test_deleting_or_replacing_the_database_does_not_reset_the_budget(
+    tmp_path: Path, errors: Errors, how: str
+) -> None:
+    # Issue 8 item 4: `rm data/store.db*` while running used to start a fresh ledger.
+    db_path = tmp_path / "data" / "store.db"
+    clock = FakeClock(START)
+    async with await Store.open(db_path, clock=clock, on_error=errors) as store:
+        budget = Budget(store, {"venice": BudgetLimits(daily_tokens=1000)}, clock)
+        assert await budget.reserve("venice", 600, 0.0) is not None
+        for path in db_path.parent.glob("store.db*"):
+            path.unlink()
+        if how == "replace":  # an older, emptier database put in its place
+            async with await Store.open(db_path, clock=clock) as other:
+                await other.record_run(run("other"))
+        assert await budget.reserve("venice", 500, 0.0) is None  # 600 + 500 > 1000
+        assert await budget.reserve("venice", 400, 0.0) is not None
+        assert query(db_path, "SELECT kind, tokens FROM budget_windows ORDER BY kind") == [
+            ("day", 1000),
+            ("month", 1000),
+        ]
+    assert errors == []
+
+
+@pytest.mark.anyio
+async def test_while_the_carried_ledger_cannot_be_written_reservations_are_denied(
+    tmp_path: Path, errors: Errors
+) -> None:
+    data = tmp_path / "data"
+    db_path = data / "store.db"
+    clock = FakeClock(START)
+    async with await Store.open(db_path, clock=clock, on_error=errors) as store:
+        budget = Budget(store, {"venice": BudgetLimits(daily_tokens=1000)}, clock)
+        assert await budget.reserve("venice", 600, 0.0) is not None
+        shutil.rmtree(data)
+        data.write_text("not a directory")
+        assert await budget.reserve("venice", 10, 0.0) is None  # refuses: nothing to carry into
+        data.unlink()
+        assert await budget.reserve("venice", 500, 0.0) is None  # trusted again: 600 carried
+        assert await budget.reserve("venice", 400, 0.0) is not None
+    assert "budget" in errors
+
+
+CORRUPTIONS = {
+    # Each damages a real file the way a disk, a bad copy or a hand edit would.
+    "page bytes": lambda path: _overwrite(
+        path, _page_of(path, "probe_runs_target") + 8, b"\xff" * 64
+    ),
+    "table page": lambda path: _overwrite(path, _page_of(path, "budget_windows"), b"\x07" * 16),
+    "truncated": lambda path: os.truncate(path, os.path.getsize(path) // 2),
+    "ledger totals": lambda path: _sql(
+        path, "UPDATE budget_windows SET tokens = 'lots' WHERE kind = 'day'"
+    ),
+    "negative totals": lambda path: _sql(path, "UPDATE budget_windows SET tokens = -5"),
+    "index": lambda path: _sql(
+        path,
+        "PRAGMA writable_schema = ON",
+        "UPDATE sqlite_master SET sql = replace(sql, 'provider, model, probe, finished_at', "
+        "'finished_at, provider, model, probe') WHERE name = 'probe_runs_target'",
+    ),
+}
+
+
+def _page_of(path: Path, name: str) -> int:
+    (root,) = query(path, "SELECT rootpage FROM sqlite_master WHERE name = ?", (name,))[0]
+    (size,) = query(path, "PRAGMA page_size")[0]
+    return int((root - 1) * size)
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _sql(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        for statement in statements:
+            conn.execute(statement)
+    conn.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+async def test_a_corrupted_database_is_refused_at_start_with_one_line(
+    tmp_path: Path, kind: str
+) -> None:
+    db_path = tmp_path / "store.db"
+    clock = FakeClock(START)
+    async with await Store.open(db_path, clock=clock) as store:
+        budget = Budget(store, {"venice": BudgetLimits(daily_tokens=1000)}, clock)
+        assert await budget.reserve("venice", 100, 0.0) is not None
+        for i in range(40):
+            await store.record_run(run(f"r{i}", finished_at=START + i))
+    _sql(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    CORRUPTIONS[kind](db_path)
+    with pytest.raises(StoreError) as caught:
+        await Store.open(db_path, clock=clock)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"database {db_path} is corrupted (") or message.startswith(
+        f"cannot open database {db_path}: "
+    )
+    assert "move it aside" in message or "malformed" in message or "not a database" in message

@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from exporter.config.constants import PROBE_NAMES
 from exporter.config.errors import ConfigError, _number
 from exporter.config.fingerprint import config_fingerprint
 from exporter.config.load import load_config
+from exporter.config.providers import ProviderConfig
 from exporter.config.root import Config
 from exporter.durations import format_duration
 
 
-def summarize(config: Config, env: Mapping[str, str] | None = None) -> str:
+class ForecastLines(Protocol):
+    """Lines that say what a configuration will cost (``exporter.forecast`` builds them; the
+    configuration cannot, since the cost model depends on it)."""
+
+    def provider(self, provider: ProviderConfig) -> list[str]: ...
+
+    def total(self) -> list[str]: ...
+
+
+def summarize(
+    config: Config,
+    env: Mapping[str, str] | None = None,
+    forecast: ForecastLines | None = None,
+) -> str:
     """A short human-readable summary (what check-config prints). Never shows key values."""
     environ: Mapping[str, str] = os.environ if env is None else env
     web = str(config.server.web_config_file) if config.server.web_config_file else "none"
@@ -69,18 +83,26 @@ def summarize(config: Config, env: Mapping[str, str] | None = None) -> str:
             f"{format_duration(provider.balance_check_interval)})",
             f"  prices: {len(provider.prices)} pattern(s)",
         ]
+        if forecast is not None:
+            lines += forecast.provider(provider)
+    if forecast is not None:
+        lines += forecast.total()
     return "\n".join(lines)
 
 
 def check_config(
-    path: str | Path | None, *, env: Mapping[str, str] | None = None
+    path: str | Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    forecast: Callable[[Config], ForecastLines] | None = None,
 ) -> tuple[int, str]:
-    """Validate without running: (0, summary) or (2, "error: <one line>")."""
+    """Validate without running: (0, summary) or (2, "error: <one line>"). ``forecast``
+    (``exporter.forecast.ConfigForecast``) adds what the schedule will cost."""
     try:
         config = load_config(path, env=env)
     except ConfigError as exc:
         return 2, f"error: {exc}"
-    return 0, summarize(config, env)
+    return 0, summarize(config, env, forecast(config) if forecast is not None else None)
 
 
 def check_config_command(
@@ -89,10 +111,11 @@ def check_config_command(
     env: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    forecast: Callable[[Config], ForecastLines] | None = None,
 ) -> int:
     """``prompt-cache-exporter check-config``: print the summary (stdout) or the error
     (stderr) and return the exit status (0 valid, 2 invalid). Never raises ConfigError."""
-    status, text = check_config(path, env=env)
+    status, text = check_config(path, env=env, forecast=forecast)
     stream = (stdout or sys.stdout) if status == 0 else (stderr or sys.stderr)
     print(text, file=stream)
     return status

@@ -26,11 +26,28 @@ _SECRET_VARIABLE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNO
 _KEY_SHAPED = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9_.+=-]{20,}")
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_ELIDED = '"…"'
+
+
 class ConfigError(Exception):
-    """The configuration cannot be used. ``str()`` is one line: ``<key path>: <problem>``."""
+    """The configuration cannot be used. ``str()`` is one line: ``<key path>: <problem>``.
+
+    ``public`` is the same line without the values it quotes (only key paths and problems),
+    for answers that leave the process, such as ``POST /-/reload``'s: whoever may trigger a
+    reload need not see what the file holds.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # one line, whatever went into it
+
+    @property
+    def public(self) -> str:
+        parts = []
+        for part in str(self).split("; "):
+            path, sep, problem = part.partition(": ")
+            parts.append(path + sep + _QUOTED.sub(_ELIDED, problem) if sep else part)
+        return "; ".join(parts)
 
 
 def _quote(value: object) -> str:

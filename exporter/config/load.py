@@ -22,6 +22,10 @@ from exporter.config.constants import ENV_CONFIG_FILE, ENV_PREFIX
 from exporter.config.errors import ConfigError, format_validation_error
 from exporter.config.root import Config
 
+# Far above any real configuration (200 models, price tables, comments), far below what would
+# keep the event loop busy parsing: a larger file is refused before it is read.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 
 class _MappingEnvSource(EnvSettingsSource):
     """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
@@ -55,13 +59,19 @@ def load_config(path: str | Path | None, *, env: Mapping[str, str] | None = None
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"config file is a directory: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+            "it cannot be a configuration"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

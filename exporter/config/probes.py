@@ -52,17 +52,23 @@ class ProbeConfig(_Model):
         return self
 
 
+# The default schedule (docs/configuration.md, "What probing costs"): the cheap basic probe is
+# the heartbeat that notices caching breaking within 20 minutes; the probes that cost more and
+# describe slowly changing properties run a few times a day. About 489 k prompt tokens a day
+# for a model with a 1024-token minimum.
+
+
 class BasicProbeConfig(ProbeConfig):
     """``[probes.basic]``: prime + repeat of one prompt."""
 
-    interval: PositiveDuration = _d("5m")
+    interval: PositiveDuration = _d("10m")
     timeout: PositiveDuration = _d("2m")
 
 
 class PromptSizesProbeConfig(ProbeConfig):
     """``[probes.prompt_sizes]``: basic at several prompt sizes."""
 
-    interval: PositiveDuration = _d("1h")
+    interval: PositiveDuration = _d("12h")
     timeout: PositiveDuration = _d("10m")
     # size name (the `size` label) -> target prompt tokens
     sizes: FrozenMap[str, Annotated[int, Field(gt=0, le=1_000_000)]] = Field(
@@ -85,14 +91,14 @@ class PromptSizesProbeConfig(ProbeConfig):
 class PartialProbeConfig(ProbeConfig):
     """``[probes.partial]``: shared system prompt, different user messages."""
 
-    interval: PositiveDuration = _d("30m")
+    interval: PositiveDuration = _d("2h")
     timeout: PositiveDuration = _d("5m")
 
 
 class PersistenceProbeConfig(ProbeConfig):
     """``[probes.persistence]``: N identical requests in a row."""
 
-    interval: PositiveDuration = _d("1h")
+    interval: PositiveDuration = _d("6h")
     timeout: PositiveDuration = _d("10m")
     requests: int = Field(default=10, ge=2, le=100)
 

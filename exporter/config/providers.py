@@ -16,7 +16,6 @@ from exporter.config.base import FrozenMap, _d, _Model
 from exporter.config.constants import (
     _DEFAULT_CURRENCY,
     DEFAULT_BASE_URLS,
-    DEFAULT_KEY_ENV,
     PROBE_NAMES,
     PROVIDER_TYPES,
     ProviderType,
@@ -24,7 +23,7 @@ from exporter.config.constants import (
 from exporter.config.errors import _invalid, _quote
 from exporter.config.fingerprint import _short_hash
 from exporter.durations import Duration, PositiveDuration
-from exporter.providers.openai import conventional_key_env
+from exporter.providers import adapter_class
 from exporter.results import ModelPrice
 
 _PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -132,11 +131,8 @@ class ProviderConfig(_Model):
                 )
             data["base_url"] = DEFAULT_BASE_URLS[kind]
         if data.get("api_key_env") is None:
-            if kind == "openai":
-                # Only a known host gets a default key variable (see HOST_KEY_ENV).
-                data["api_key_env"] = conventional_key_env(str(data["base_url"])) or ""
-            else:
-                data["api_key_env"] = DEFAULT_KEY_ENV[kind]
+            # openai: only a known host gets a default key variable (see HOST_KEY_ENV).
+            data["api_key_env"] = adapter_class(kind).key_env_for(str(data["base_url"])) or ""
         if data.get("balance_currency") is None:
             data["balance_currency"] = _DEFAULT_CURRENCY.get(kind, "usd")
         return data
@@ -230,6 +226,32 @@ class ProviderConfig(_Model):
         if any(not pattern.strip() for pattern in value):
             raise ValueError("model patterns must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _check_usd_budget_priced(self) -> ProviderConfig:
+        """A USD budget needs a price for every model probed: a request's upper bound in USD
+        is what is reserved before it is sent. Prices come from the table here or from a
+        provider that publishes them (Venice, OpenRouter); otherwise the budget cannot hold."""
+        budget = self.budget
+        which = "daily_usd" if budget.daily_usd else "monthly_usd" if budget.monthly_usd else ""
+        if not which or adapter_class(self.type).publishes_prices_at(self.base_url):
+            return self
+        source = f"the {self.type} models endpoint at this base URL publishes no prices"
+        for model in self.models:
+            if self.price_for(model) is None:
+                raise _invalid(
+                    f"budget.{which}",
+                    f"cannot be enforced without a price for model {_quote(model)}: add "
+                    f"[providers.prices.{_quote(model)}] with input and output in USD per "
+                    f"million tokens ({source})",
+                )
+        if not self.models and not self.prices:
+            raise _invalid(
+                f"budget.{which}",
+                "cannot be enforced without prices: models are discovered and "
+                f'{source}; add [providers.prices."*"] (or one pattern per model family)',
+            )
+        return self
 
     # -- use ------------------------------------------------------------------------------------
 

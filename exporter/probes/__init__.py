@@ -8,22 +8,24 @@ from dataclasses import replace
 
 import anyio
 
+from exporter.config import PROBE_NAMES
 from exporter.probes import basic, partial, persistence, prompt_sizes, ttl
-from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, new_result, polluted
+from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, judge_run, new_result
+from exporter.probes.cost import ProbeEstimate
 from exporter.results import ErrorType, ProbeResult, Verdict
 
 log = logging.getLogger(__name__)
 
-PROBES: dict[str, ProbeFn] = {
-    basic.NAME: basic.run,
-    prompt_sizes.NAME: prompt_sizes.run,
-    partial.NAME: partial.run,
-    persistence.NAME: persistence.run,
-    ttl.NAME: ttl.run,
-}
-PROBE_NAMES: tuple[str, ...] = tuple(PROBES)
+_MODULES = {m.NAME: m for m in (basic, prompt_sizes, partial, persistence, ttl)}
+# In the configuration's order; a name without a module (or a module without a name in the
+# configuration) fails here, at import, rather than at the first run.
+PROBES: dict[str, ProbeFn] = {name: _MODULES[name].run for name in PROBE_NAMES}
+# Each probe's own cost estimate (exporter.probes.cost): pre-check, reservations, forecast.
+PROBE_COSTS: dict[str, ProbeEstimate] = {name: _MODULES.pop(name).estimate for name in PROBE_NAMES}
+if _MODULES:  # pragma: no cover - a programming error caught by every test run
+    raise ImportError(f"probe modules missing from PROBE_NAMES: {sorted(_MODULES)}")
 
-__all__ = ["PROBES", "PROBE_NAMES", "ProbeContext", "ProbeSettings", "run_probe"]
+__all__ = ["PROBES", "PROBE_COSTS", "PROBE_NAMES", "ProbeContext", "ProbeSettings", "run_probe"]
 
 
 async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = None) -> ProbeResult:
@@ -59,5 +61,5 @@ async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = No
     result.finished_at = clock.time()
     result.duration_seconds = clock.monotonic() - t0
     result.requests = run_ctx.records
-    result.pollution = polluted(run_ctx.records, run_ctx.settings.hit_threshold_tokens)
+    judge_run(result, run_ctx.settings)
     return result

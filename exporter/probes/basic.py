@@ -1,7 +1,8 @@
 """basic: prime an identical prompt just above the cacheable minimum, then repeat it.
 
-Caching works when the repeat reports cached tokens. Adapters that persist prefixes lazily
-(DeepSeek) get up to ``warmup_repeats`` repeats before the verdict is "broken".
+Caching works when the repeat's own prompt was served from cache (exporter.hits: cached
+tokens beyond the shared baseline the prime reported). Adapters that persist prefixes
+lazily (DeepSeek) get up to ``warmup_repeats`` repeats before the verdict is "broken".
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from exporter.probes.common import (
     new_result,
     token_hit_ratio,
 )
+from exporter.probes.cost import CostInputs, ProbeCost, RequestEstimate
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "basic"
@@ -59,7 +61,7 @@ async def prime_and_repeat(
     if not any_reported([prime, *repeats]):
         return PrimeRepeat(Verdict.NOT_REPORTED, None, prime.prompt_tokens)
     verdict = Verdict.WORKS if is_hit(last) else Verdict.BROKEN
-    return PrimeRepeat(verdict, token_hit_ratio([last]), prime.prompt_tokens)
+    return PrimeRepeat(verdict, token_hit_ratio(ctx, [last]), prime.prompt_tokens)
 
 
 async def run(ctx: ProbeContext) -> ProbeResult:
@@ -70,3 +72,16 @@ async def run(ctx: ProbeContext) -> ProbeResult:
     result = new_result(ctx, NAME, outcome.verdict)
     result.hit_ratio = outcome.hit_ratio
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """A prime and up to ``warmup_repeats`` repeats of one prompt at the target size."""
+    return ProbeCost(prime_and_repeat_cost(inputs, inputs.target))
+
+
+def prime_and_repeat_cost(inputs: CostInputs, size: int) -> tuple[RequestEstimate, ...]:
+    repeats = max(1, inputs.warmup_repeats)
+    return (inputs.request(size), *(inputs.request(size, size) for _ in range(repeats)))

@@ -6,28 +6,33 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from exporter import hits
 from exporter.clock import Clock
+from exporter.config import ProbesConfig
 from exporter.prompts import DEFAULT_MARGIN, PromptFactory, new_run_id
 from exporter.providers.base import HttpRequest, Prompt, ProviderAdapter
-from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
+from exporter.results import ErrorType, ProbeResult, RequestRecord, ResponseMeta, Verdict
 from exporter.transport import SpendGuard, Transport
 
-DEFAULT_SIZES: dict[str, int] = {"small": 1100, "medium": 2000, "large": 4000, "xlarge": 8000}
-DEFAULT_TTL_DELAYS: tuple[float, ...] = (1.0, 5.0, 10.0, 30.0)
+# The defaults live in the configuration models; these are views for callers without a config.
+_DEFAULTS = ProbesConfig()
+DEFAULT_SIZES: dict[str, int] = dict(_DEFAULTS.prompt_sizes.sizes)
+DEFAULT_TTL_DELAYS: tuple[float, ...] = tuple(_DEFAULTS.ttl.delays)
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeSettings:
     sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
-    persistence_requests: int = 10
+    persistence_requests: int = _DEFAULTS.persistence.requests
     ttl_delays: tuple[float, ...] = DEFAULT_TTL_DELAYS
     partial_variants: int = 2
     # Prompt size relative to the provider minimum for basic/persistence/ttl/partial.
     margin: float = DEFAULT_MARGIN
-    # A response counts as a hit when it reports more cached tokens than this. 0 per the SPEC;
-    # raise it for servers that cache a chat-template prefix shorter than the run id
-    # (llama.cpp reports a few cached tokens on every request).
-    hit_threshold_tokens: int = 0
+    # Not needed by default: the shared baseline (template tokens every prompt shares) is
+    # learned from each run's cold requests, capped at hits.SHARED_PREFIX_CAP. Set it only for
+    # a server known to share more than the cap before the run id (a gateway injecting a long
+    # system prompt): cached tokens up to this many then never count, as hit or as pollution.
+    hit_threshold_tokens: int | None = None
 
 
 class ProbeAborted(Exception):
@@ -57,6 +62,9 @@ class ProbeContext:
     on_request: Callable[[HttpRequest, RequestRecord], None] | None = None
     # Filled while the probe runs, so evidence survives a deadline or a failure.
     records: list[RequestRecord] = field(default_factory=list)
+    # What every response's headers said (balances, rate limits), in order; kept by the caller
+    # (``run_probe`` does not replace this list), which hands it to the recorder.
+    responses: list[ResponseMeta] = field(default_factory=list)
 
     @property
     def calibration_key(self) -> str:
@@ -77,8 +85,18 @@ class ProbeContext:
             self.prompts.upper_bound_tokens(self.calibration_key, prompt) + self.adapter.max_tokens
         )
 
-    async def send(self, prompt: Prompt, *, label: str, cold: bool) -> RequestRecord:
-        """Send one logical request and record its evidence. Raises ProbeAborted on failure."""
+    def hit_rule(self) -> hits.HitRule:
+        """The run's hit rule, its baseline learned from the cold requests sent so far."""
+        return hits.rule_for(self.records, fixed=self.settings.hit_threshold_tokens)
+
+    async def send(
+        self, prompt: Prompt, *, label: str, cold: bool, cacheable: int | None = None
+    ) -> RequestRecord:
+        """Send one logical request and record its evidence. Raises ProbeAborted on failure.
+
+        The response is judged by the run's hit rule; ``cacheable`` is the part of the prompt
+        that could be served from cache (default: all of it; partial: the shared prefix).
+        """
         request = self.adapter.chat_request(self.model, prompt, stream=self.adapter.stream)
         record = RequestRecord(label=label, cold=cold, started_at=self.clock.time())
         self.records.append(record)
@@ -89,6 +107,8 @@ class ProbeContext:
             estimated_tokens=self.estimated_cost_tokens(prompt),
             guard=self.guard,
         )
+        if exchange.status is not None:
+            self.responses.append(exchange.meta)
         record.status = exchange.status
         record.attempts = exchange.attempts
         record.streamed = exchange.streamed
@@ -106,7 +126,11 @@ class ProbeContext:
             record.completion_tokens = usage.completion_tokens
             record.cost = dict(exchange.completion.cost)
             if usage.cached_tokens is not None:
-                record.hit = usage.cached_tokens > self.settings.hit_threshold_tokens
+                # A cold record joins the baseline before it is judged: what it reports up to
+                # the cap is shared, never a hit (beyond the cap it was served from cache).
+                rule = self.hit_rule()
+                record.baseline_tokens = rule.baseline
+                record.hit = rule.is_hit(usage.cached_tokens, cacheable or usage.prompt_tokens)
             self.prompts.observe(self.calibration_key, prompt, usage.prompt_tokens)
         if self.on_request is not None:
             self.on_request(request, record)
@@ -115,13 +139,13 @@ class ProbeContext:
         return record
 
 
-def any_reported(records: Sequence[RequestRecord]) -> bool:
-    return any(r.cached_tokens is not None for r in records if r.ok)
+any_reported = hits.any_reported
 
 
 def is_hit(record: RequestRecord) -> bool:
-    # Within a run where some response reported cache fields, a response without them is a
-    # miss (Venice omits prompt_tokens_details when nothing was cached).
+    # Decided when the response arrived (ProbeContext.send). Within a run where some response
+    # reported cache fields, a response without them is a miss (Venice omits
+    # prompt_tokens_details when nothing was cached).
     return bool(record.hit)
 
 
@@ -139,17 +163,17 @@ def warm_verdict(warm: Sequence[RequestRecord], reported: bool) -> Verdict:
     return Verdict.FLAKY
 
 
-def token_hit_ratio(records: Sequence[RequestRecord]) -> float | None:
-    """cached / prompt tokens over warm requests that reported both."""
-    prompt = sum(r.prompt_tokens or 0 for r in records if r.ok)
-    if prompt <= 0 or not any_reported(records):
-        return None
-    cached = sum(r.cached_tokens or 0 for r in records if r.ok)
-    return min(1.0, cached / prompt)
+def token_hit_ratio(ctx: ProbeContext, records: Sequence[RequestRecord]) -> float | None:
+    """Run-specific cached ÷ run-specific prompt tokens over ``records`` (see exporter.hits)."""
+    return hits.token_ratio(records, ctx.hit_rule())
 
 
-def polluted(records: Sequence[RequestRecord], threshold: int) -> bool:
-    return any(r.cold and r.ok and (r.cached_tokens or 0) > threshold for r in records)
+def judge_run(result: ProbeResult, settings: ProbeSettings) -> None:
+    """The run-level findings of the hit rule: the baseline and pollution."""
+    records = result.requests
+    rule = hits.rule_for(records, fixed=settings.hit_threshold_tokens)
+    result.baseline_tokens = rule.baseline if hits.any_reported(records) else None
+    result.pollution = hits.polluted(records, rule)
 
 
 def new_result(ctx: ProbeContext, probe: str, verdict: Verdict = Verdict.ERROR) -> ProbeResult:
@@ -164,7 +188,6 @@ def new_result(ctx: ProbeContext, probe: str, verdict: Verdict = Verdict.ERROR) 
         started_at=now,
         finished_at=now,
         requests=ctx.records,
-        pollution=polluted(ctx.records, ctx.settings.hit_threshold_tokens),
     )
 
 

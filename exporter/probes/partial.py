@@ -1,7 +1,9 @@
 """partial: one long system prompt, different user messages.
 
 Later requests share only the system prefix with the prime, so their cached tokens should
-be about the shared prefix; ratio = cached / shared-prefix tokens.
+be about the shared prefix. They are judged on the same basis as every probe (exporter.hits),
+against the prefix rather than the whole prompt: ratio = run-specific cached ÷ run-specific
+shared-prefix tokens (the shared baseline taken off both).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from exporter.probes.common import (
     new_result,
     warm_verdict,
 )
+from exporter.probes.cost import CostInputs, ProbeCost
+from exporter.prompts import PARTIAL_USER_TOKENS
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "partial"
@@ -41,13 +45,28 @@ async def run(ctx: ProbeContext) -> ProbeResult:
             result.shared_prefix_tokens = shared
             return result
         for i, prompt in enumerate(prompts[1:], start=1):
-            variants.append(await ctx.send(prompt, label=f"variant {i}", cold=False))
+            variants.append(
+                await ctx.send(prompt, label=f"variant {i}", cold=False, cacheable=shared)
+            )
     except ProbeAborted as exc:
         return error_result(ctx, NAME, exc.record)
     reported = any_reported([prime, *variants])
     result = new_result(ctx, NAME, warm_verdict(variants, reported))
     result.shared_prefix_tokens = shared
-    if reported and shared > 0:
-        ratios = [min(1.0, (r.cached_tokens or 0) / shared) for r in variants]
-        result.hit_ratio = sum(ratios) / len(ratios)
+    rule = ctx.hit_rule()
+    ratios = [rule.ratio(r.cached_tokens or 0, shared) for r in variants] if reported else []
+    known = [r for r in ratios if r is not None]
+    if known:
+        result.hit_ratio = sum(known) / len(known)
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """A prime and ``partial_variants`` variants sharing its system prompt."""
+    prefix = inputs.target + _TEMPLATE_SLACK
+    size = prefix + PARTIAL_USER_TOKENS
+    variants = inputs.settings.partial_variants
+    return ProbeCost((inputs.request(size), *(inputs.request(size, prefix),) * variants))

@@ -1,7 +1,9 @@
 """persistence: N identical requests in a row; does the cache keep hitting?
 
-Reports the fraction of warm requests that hit and the first one that missed. Requests
-inside the adapter's warm-up (DeepSeek persists prefixes lazily) are not held against it.
+Reports the fraction of warm requests that hit (by the one rule of exporter.hits: their
+own prompt served from cache, not just the shared template) and the first one that missed.
+Requests inside the adapter's warm-up (DeepSeek persists prefixes lazily) are not held
+against it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from exporter.probes.common import (
     new_result,
     warm_verdict,
 )
+from exporter.probes.cost import CostInputs, ProbeCost
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
 NAME = "persistence"
@@ -48,3 +51,13 @@ async def run(ctx: ProbeContext) -> ProbeResult:
         misses = [skip + 1 + i for i, hit in enumerate(hits) if not hit]
         result.first_miss_index = misses[0] if misses else None
     return result
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """``requests`` identical requests at the target size, the first one cold."""
+    count = max(2, inputs.settings.persistence_requests)
+    size = inputs.target
+    return ProbeCost((inputs.request(size), *(inputs.request(size, size),) * (count - 1)))

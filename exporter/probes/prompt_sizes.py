@@ -6,8 +6,9 @@ sent: they cannot hit, and a miss there is not a failure.
 
 from __future__ import annotations
 
-from exporter.probes.basic import prime_and_repeat
+from exporter.probes.basic import prime_and_repeat, prime_and_repeat_cost
 from exporter.probes.common import ProbeAborted, ProbeContext, error_result, new_result
+from exporter.probes.cost import CostInputs, ProbeCost
 from exporter.results import ProbeResult, SizeOutcome, Verdict
 
 NAME = "prompt_sizes"
@@ -44,3 +45,12 @@ def _overall(outcomes: list[SizeOutcome]) -> Verdict:
     if works == len(decided):
         return Verdict.WORKS
     return Verdict.BROKEN if works == 0 else Verdict.PARTIAL
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """basic's prime and repeats at every size the model can cache (smaller ones are not sent)."""
+    sizes = sorted(s for s in inputs.settings.sizes.values() if s >= inputs.minimum)
+    return ProbeCost(tuple(r for size in sizes for r in prime_and_repeat_cost(inputs, size)))

@@ -16,6 +16,7 @@ from exporter.probes.common import (
     is_hit,
     new_result,
 )
+from exporter.probes.cost import CostInputs, ProbeCost
 from exporter.providers.base import Prompt
 from exporter.results import ProbeResult, RequestRecord, Verdict
 
@@ -62,3 +63,13 @@ def _verdict(hits: list[bool], reported: bool) -> Verdict:
         return Verdict.BROKEN
     first_miss = hits.index(False) if False in hits else len(hits)
     return Verdict.WORKS if not any(hits[first_miss:]) else Verdict.FLAKY
+
+
+# -- cost (exporter.probes.cost) ----------------------------------------------------------------
+
+
+def estimate(inputs: CostInputs) -> ProbeCost:
+    """A prime and a repeat per delay, at the target size."""
+    size = inputs.target
+    pair = (inputs.request(size), inputs.request(size, size))
+    return ProbeCost(pair * len(set(inputs.settings.ttl_delays)))

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from exporter.providers.base import (
+    RATELIMIT_RESOURCES,
     BadResponse,
     HttpRequest,
     Prompt,
@@ -99,7 +100,6 @@ _ERROR_TYPES = {
     "billing_error": ErrorType.INSUFFICIENT_FUNDS,
     "timeout_error": ErrorType.TIMEOUT,
 }
-_RATELIMIT_RESOURCES = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
 def model_family(model: str) -> tuple[str, int, int | None] | None:
@@ -230,11 +230,13 @@ class AnthropicAdapter(ProviderAdapter):
 
     def parse_meta(self, headers: Mapping[str, str]) -> ResponseMeta:
         lowered = lower_headers(headers)
-        remaining: dict[str, float] = {}
-        for resource in _RATELIMIT_RESOURCES:
-            number = parse_number(lowered.get(f"anthropic-ratelimit-{resource}-remaining"))
-            if number is not None and number >= 0:
-                remaining[resource.replace("-", "_")] = number
+        remaining = {
+            resource: number
+            for resource in RATELIMIT_RESOURCES
+            if (number := parse_number(
+                lowered.get(f"anthropic-ratelimit-{resource.replace('_', '-')}-remaining")
+            )) is not None and number >= 0
+        }  # fmt: skip
         return ResponseMeta(
             request_id=first_header(lowered, "request-id", "x-request-id", "cf-ray"),
             ratelimit_remaining=remaining,

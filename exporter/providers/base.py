@@ -94,6 +94,9 @@ class ProviderAdapter(ABC):
     key_env_vars: ClassVar[tuple[str, ...]] = ()
     # Where the API lives when no base URL is configured (None: a base URL is required).
     default_base_url: ClassVar[str | None] = None
+    # Whether the models endpoint publishes per-model prices (a USD budget can then be
+    # enforced without a price table in the configuration).
+    publishes_prices: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,15 +123,29 @@ class ProviderAdapter(ABC):
         self.max_tokens = max_tokens
         self.extra_headers = dict(extra_headers or {})
 
+    @classmethod
+    def key_env_for(cls, base_url: str) -> str | None:
+        """The conventional variable holding this API's key at ``base_url`` (None: none)."""
+        return cls.key_env_vars[0] if cls.key_env_vars else None
+
+    @classmethod
+    def publishes_prices_at(cls, base_url: str) -> bool:
+        """Whether the models endpoint at ``base_url`` publishes prices."""
+        return cls.publishes_prices
+
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key removed, for upstream error messages that echo it."""
+        """``text`` without the API key or any piece of it (see ``scrub``)."""
+        return scrub(text, self._api_key)
+
+    def redact_bytes(self, raw: bytes) -> bytes:
+        """A whole upstream body or line without the key, before anything parses or cuts it."""
         key = self._api_key
-        if key and len(key) >= 4 and key in text:
-            text = text.replace(key, "<redacted>")
-        return text
+        if key and len(key) >= MIN_SECRET_CHARS:
+            return raw.replace(key.encode("utf-8"), REDACTED.encode())
+        return raw
 
     def min_cacheable_for(self, model: str) -> int:
         """The minimum cacheable prompt length for ``model`` (families differ, e.g. Claude)."""
@@ -183,6 +200,36 @@ class ProviderAdapter(ABC):
 
 # -- shared helpers ---------------------------------------------------------------------------
 
+REDACTED = "<redacted>"
+MIN_SECRET_CHARS = 4  # a "key" shorter than this is not worth hiding (and would match anything)
+# A run of this many characters of the key, anywhere, is treated as part of it: an excerpt cut
+# at a length limit elsewhere can leave a prefix of the key at its end (or a suffix at its
+# start) that no whole-key replacement finds.
+MIN_SECRET_FRAGMENT = 6
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """``text`` with ``secret`` and every fragment of it (``MIN_SECRET_FRAGMENT`` or more of
+    its characters in a row) replaced by ``<redacted>``. For short strings (messages, ids):
+    whole bodies are cleaned with ``redact_bytes`` before they are parsed."""
+    if not secret or len(secret) < MIN_SECRET_CHARS or not text:
+        return text
+    text = text.replace(secret, REDACTED)
+    size = min(MIN_SECRET_FRAGMENT, len(secret))
+    pieces = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    out: list[str] = []
+    i = start = 0
+    while i <= len(text) - size:
+        if text[i : i + size] not in pieces:
+            i += 1
+            continue
+        end = i + size
+        while end < len(text) and text[i : end + 1] in secret:
+            end += 1
+        out += [text[start:i], REDACTED]
+        i = start = end
+    return "".join([*out, text[start:]])
+
 
 def classify_status(status: int) -> ErrorType:
     if status == 429:
@@ -220,15 +267,21 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+# The ``resource`` label values of llmcache_ratelimit_remaining: a fixed set, so an upstream
+# sending hundreds of made-up ``x-ratelimit-remaining-*`` headers cannot create series.
+RATELIMIT_RESOURCES = ("requests", "tokens", "input_tokens", "output_tokens")
+
+
 def ratelimit_remaining(headers: Mapping[str, str], prefix: str) -> dict[str, float]:
-    """``<prefix><resource>: <number>`` headers as resource -> remaining."""
+    """``<prefix><resource>: <number>`` headers as resource -> remaining, for the resources
+    of ``RATELIMIT_RESOURCES`` only (``input-tokens`` is read as ``input_tokens``); any
+    other header with the prefix is ignored."""
+    lowered = {name.lower(): value for name, value in headers.items()}
     out: dict[str, float] = {}
-    for name, value in headers.items():
-        lname = name.lower()
-        if lname.startswith(prefix):
-            resource = lname[len(prefix) :]
-            number = parse_number(value)
-            if resource and number is not None and number >= 0:
+    for resource in RATELIMIT_RESOURCES:
+        for spelling in {resource, resource.replace("_", "-")}:
+            number = parse_number(lowered.get(prefix + spelling))
+            if number is not None and number >= 0:
                 out[resource] = number
     return out
 

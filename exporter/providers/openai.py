@@ -66,6 +66,7 @@ class HostDefaults:
     prompt_cache_key: bool | None = None
     warmup_repeats: int | None = None
     balance: str | None = None  # which balance endpoint the host has
+    prices: bool = False  # the models endpoint publishes per-token prices
 
 
 # Keyed by host suffix. Why each entry:
@@ -74,11 +75,12 @@ class HostDefaults:
 # - api.deepseek.com: a hit needs a *persisted* prefix unit (kv_cache guide: units persist at
 #   request boundaries, or once a prefix shared by several requests is detected), so one extra
 #   warm-up request is needed before a verdict; ``GET /user/balance``.
-# - openrouter.ai: ``GET /api/v1/key`` reports the key's remaining limit.
+# - openrouter.ai: ``GET /api/v1/key`` reports the key's remaining limit; ``/models`` publishes
+#   ``pricing.prompt`` / ``completion`` per token.
 HOST_DEFAULTS: dict[str, HostDefaults] = {
     "api.openai.com": HostDefaults(max_tokens_field="max_completion_tokens", prompt_cache_key=True),
     "api.deepseek.com": HostDefaults(warmup_repeats=2, balance="deepseek"),
-    "openrouter.ai": HostDefaults(balance="openrouter"),
+    "openrouter.ai": HostDefaults(balance="openrouter", prices=True),
 }
 
 
@@ -173,6 +175,15 @@ class OpenAIAdapter(ProviderAdapter):
     default_base_url: ClassVar[str | None] = None
     default_max_tokens_field: ClassVar[str] = "max_tokens"
     default_prompt_cache_key: ClassVar[bool] = False
+
+    @classmethod
+    def key_env_for(cls, base_url: str) -> str | None:
+        # Only a known host's own variable: never hand OPENAI_API_KEY to a third party.
+        return conventional_key_env(base_url) or super().key_env_for(base_url)
+
+    @classmethod
+    def publishes_prices_at(cls, base_url: str) -> bool:
+        return cls.publishes_prices or host_defaults(base_url).prices
 
     def __init__(
         self,

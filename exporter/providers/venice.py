@@ -47,6 +47,7 @@ class VeniceAdapter(OpenAIAdapter):
     type_name: ClassVar[str] = "venice"
     key_env_vars: ClassVar[tuple[str, ...]] = ("VENICE_API_KEY",)
     default_base_url: ClassVar[str | None] = DEFAULT_BASE_URL
+    publishes_prices: ClassVar[bool] = True  # /models: model_spec.pricing
     reports_cache_fields: ClassVar[bool | None] = True
     default_max_tokens_field: ClassVar[str] = "max_completion_tokens"
     default_prompt_cache_key: ClassVar[bool] = True

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
-CACHE_MODES: Final = ("ok", "broken", "no_fields", "flaky")
+CACHE_MODES: Final = ("ok", "broken", "no_fields", "flaky", "evicting")
 
 FAULTS: Final = (
     "error",  # HTTP 500 with a JSON error body
@@ -41,6 +41,13 @@ class SimModel:
     cache_mode: str = "ok"
     flaky_hit_rate: float = 0.5
     report_cache_write: bool = False  # Venice: prompt_tokens_details.cache_creation_input_tokens
+    # Tokens the server's chat template puts before every prompt (BOS, header). All prompts
+    # share them, so a token-granular server (llama.cpp, SGLang) reports them as cached on
+    # every request, cold ones included. Counted in prompt_tokens.
+    template_tokens: int = 0
+    # Times a prompt must be seen before its prefix is kept (DeepSeek persists prefixes
+    # lazily: the first repeat usually misses). 1: kept at once.
+    persist_after: int = 1
     # -- failures --
     fault: str | None = None
     slow_seconds: float = 45.0  # longer than the exporter's 30 s default request timeout
@@ -76,11 +83,22 @@ class SimModel:
             return f"fault must be one of {', '.join(FAULTS)}"
         if not _is_bool(self.report_cache_write):
             return "report_cache_write must be true or false"
-        positive_ints = ("granularity", "capacity", "huge_body_bytes", "context_tokens")
+        positive_ints = (
+            "granularity",
+            "capacity",
+            "huge_body_bytes",
+            "context_tokens",
+            "persist_after",
+        )
         for name in positive_ints:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 return f"{name} must be a positive integer"
-        for name in ("min_cacheable_tokens", "ratelimit_period", "output_tokens"):
+        for name in (
+            "min_cacheable_tokens",
+            "ratelimit_period",
+            "output_tokens",
+            "template_tokens",
+        ):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 return f"{name} must be a non-negative integer"
         non_negative = (
@@ -155,6 +173,21 @@ DEFAULT_MODELS: Final[tuple[SimModel, ...]] = (
     SimModel("sim-cache-short-ttl", ttl=3.0),
     SimModel("sim-cache-flaky", cache_mode="flaky", flaky_hit_rate=0.5),
     SimModel("sim-no-cache-fields", cache_mode="no_fields", price_cache_read=None),
+    # llama.cpp-style: token-granular prefix caching (no minimum, one-token steps) behind an
+    # 8-token chat template that every prompt shares, so cold requests report cached tokens.
+    SimModel("sim-cache-template", min_cacheable_tokens=0, granularity=1, template_tokens=8),
+    # The same server kept busy by other tenants: our prompt is evicted between requests and
+    # only the shared template is ever served from cache.
+    SimModel(
+        "sim-cache-evicting",
+        min_cacheable_tokens=0,
+        granularity=1,
+        template_tokens=8,
+        cache_mode="evicting",
+    ),
+    # OpenAI's published numbers, pinned: nothing below 1024 tokens, then 128-token steps,
+    # so a hit covers the prompt's whole blocks and never its tail.
+    SimModel("sim-cache-blocks", min_cacheable_tokens=1024, granularity=128),
     SimModel("sim-error", fault="error"),
     # A third of its requests get 429: with 3 attempts a request fails about 1 time in 27,
     # so runs fail only sometimes (a 10-request persistence run about 1 in 3).

@@ -6,9 +6,10 @@ event loop never see a half-updated cache or balance.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,6 +112,8 @@ class SimState:
             for m in self.config.models
         }
         self.model_seq = dict.fromkeys(self.models, 0)
+        # Per model: how often each prompt was seen, for lazily persisting models.
+        self.sightings: dict[str, OrderedDict[bytes, int]] = {m: OrderedDict() for m in self.models}
         self.balance_usd = float(self.config.balance_usd)
         self.balance_diem = float(self.config.balance_diem)
         self.seq = 0
@@ -181,6 +184,9 @@ class SimState:
             def write() -> None:
                 cache.store(tokens, now)
 
+        if model.cache_mode == "evicting":
+            # Other tenants' prompts went through since our last request and pushed ours out.
+            cache.clear()
         if model.cache_mode == "broken":
             # Claims to write the prefix every time, never keeps it.
             cached = 0
@@ -189,9 +195,23 @@ class SimState:
             flaky = cached and model.cache_mode == "flaky"
             if flaky and self.rngs[model.name].random() >= model.flaky_hit_rate:
                 cached = 0  # served by a replica without the prefix
-            write()
+            if self._persists(model, tokens):
+                write()
         written = max(0, full - cached)
-        return Outcome(len(tokens), cached, written, completion)
+        # The template precedes every prompt and is never evicted: always read from cache.
+        shared = model.template_tokens
+        return Outcome(len(tokens) + shared, cached + shared, written, completion)
+
+    def _persists(self, model: SimModel, tokens: list[str]) -> bool:
+        """Whether this sighting of the prompt makes the cache keep its prefix."""
+        if model.persist_after <= 1:
+            return True
+        key = hashlib.blake2b("\x00".join(tokens).encode(), digest_size=16).digest()
+        seen = self.sightings[model.name]
+        seen[key] = count = seen.pop(key, 0) + 1
+        while len(seen) > model.capacity:
+            seen.popitem(last=False)
+        return count >= model.persist_after
 
     # -- billing --------------------------------------------------------------------------
 

@@ -1,28 +1,18 @@
 """The connection, its transactions, and what happens when the database misbehaves.
 
-One aiosqlite connection, serialised by an anyio lock so one task's statements never land
-inside another task's transaction. Writes are explicit ``BEGIN IMMEDIATE`` … ``COMMIT``
-transactions run under a cancel shield, so a cancelled caller cannot leave the connection
-half way through a transaction.
-
-Faults (locked, read-only, disk full, I/O errors, the file or its directory replaced) are
-never raised by ``submit``/``read``: each is logged on one line and reported through
-``on_error(operation)``. Writes wait in a bounded FIFO queue and land, in order, on the next
-write or ``flush()`` once the fault clears. After any fault other than plain lock contention
-the connection is reopened before the next operation: that is what recovers from a file that
-was read-only when it was opened, or a directory swapped underneath the process.
+One aiosqlite connection behind an anyio lock; writes are ``BEGIN IMMEDIATE … COMMIT`` under a
+cancel shield. Faults never escape ``submit``/``read``: one log line, ``on_error(operation)``,
+and failed writes wait in a bounded FIFO queue that lands in order on the next write or flush.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Final, TypeVar
@@ -34,50 +24,27 @@ from exporter.clock import Clock
 from exporter.store.migrations import StoreError, migrate
 
 log = logging.getLogger("exporter.store")
-
 T = TypeVar("T")
 
 DEFAULT_BUSY_TIMEOUT: Final = 5.0  # seconds to wait for another connection's write lock
 DEFAULT_MAX_PENDING: Final = 10_000  # failed writes kept in memory for retry
 _DRAIN_BATCH: Final = 500  # queued writes committed per transaction when draining
-_WAL_RETRY_SECONDS: Final = 0.02
-
-# What "the database is not usable right now" looks like from here: sqlite3 errors, OSError
-# from creating the directory, ValueError from aiosqlite when its connection is gone, and
-# StoreError when reopening fails (e.g. the file was replaced by one from a newer exporter).
+# "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
+# is gone), StoreError (reopening failed: a newer schema, a corrupted file).
 FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
-# Lock contention: another connection holds the lock; the connection itself is fine.
-_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")
-# The database rejects the row itself, not its current state: retrying cannot help, so such
-# a write is dropped (and reported) instead of blocking the queue behind it forever.
-_POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)
+_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
+_POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
 
 Connection = aiosqlite.Connection
 Connector = Callable[[Path, float], Awaitable[Connection]]
 """Opens the connection: ``(path, busy_timeout_seconds) -> connection`` in autocommit mode."""
-Apply = Callable[[Connection], Awaitable[None]]
+Apply = Callable[[Connection], Awaitable[object]]
+_Item = tuple[str, Apply, list[str]]  # (operation, write, [pending | landed | dropped])
 
 
 async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
-    """The default connector."""
-    # isolation_level=None: autocommit. Transactions are explicit, so the sqlite3 module never
-    # opens a (deferred, lock-upgrading) transaction behind the store's back.
+    # Autocommit: transactions are explicit, never opened behind the store's back.
     return await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
-
-
-class _State(enum.Enum):
-    PENDING = "pending"
-    LANDED = "landed"
-    DROPPED = "dropped"
-
-
-@dataclass(slots=True, eq=False)
-class _PendingWrite:
-    """A write waiting to be committed. ``apply`` runs inside a transaction the engine opens."""
-
-    op: str
-    apply: Apply
-    state: _State = _State.PENDING
 
 
 class Engine:
@@ -91,154 +58,118 @@ class Engine:
         max_pending: int = DEFAULT_MAX_PENDING,
         connector: Connector = connect_sqlite,
     ) -> None:
-        self.path = path
-        self._clock = clock
-        self._on_error = on_error
-        self._busy_timeout = busy_timeout
-        self._connector = connector
-        self._lock = anyio.Lock()
+        self.path, self._clock, self._on_error = path, clock, on_error
+        self._busy_timeout, self._connector = busy_timeout, connector
+        self._lock, self._pending = anyio.Lock(), deque[_Item]()
         self._conn: Connection | None = None
-        # (st_dev, st_ino) of the file when it was opened. A different answer from os.stat
-        # later means the file or its directory was replaced: SQLite would keep writing to
-        # the unlinked inode without any error, so the engine checks before every use.
+        self._max_pending, self.dropped_writes = max(1, max_pending), 0
+        # (st_dev, st_ino) when opened: SQLite keeps writing to an unlinked inode without an
+        # error, so every use compares it with what the path holds now.
         self._identity: tuple[int, int] | None = None
-        self._broken = False  # reopen the connection before the next operation
-        # Reopen before the next write even if a read reopened meanwhile: a read works on a
-        # file that is read-only, so a read's reconnect says nothing about writability.
-        self._reopen_for_write = False
-        self._closed = False
+        # _broken: reopen before the next operation; _reopen_for_write: before the next write
+        # even if a read reopened meanwhile (a read works on a read-only file).
+        self._broken = self._reopen_for_write = self._closed = False
         self._healthy = True
-        self._pending: deque[_PendingWrite] = deque()
-        self._max_pending = max(1, max_pending)
-        self.dropped_writes = 0  # queued writes discarded because the queue was full
+        # Runs on a file that replaced ours before anything else does (the ledger carries its
+        # totals over); _replaced: still owed, and every operation fails until it succeeds.
+        self.on_replaced: Callable[[Connection], Awaitable[None]] | None = None
+        self._replaced = False
 
     @property
     def healthy(self) -> bool:
-        """The last database operation succeeded and no write is waiting for a retry."""
-        return self._healthy and not self._pending and not self._closed
+        """Can record: the last write (or drain) succeeded and the store is open."""
+        return self._healthy and not self._closed
 
     @property
     def pending_writes(self) -> int:
         return len(self._pending)
 
     async def start(self) -> None:
-        """Connect and migrate; raises (StoreError or a fault) when that is impossible."""
-        async with self._lock:
-            try:
-                with anyio.CancelScope(shield=True):
-                    await self._connection()
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._disconnect()
-                raise
+        """Connect, check and migrate; raises (StoreError or a fault) when impossible."""
+        try:
+            await self.run(_connected)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._disconnect()
+            raise
 
     async def close(self) -> int:
         """Flush once, close; return the number of writes that could not be saved."""
-        if self._closed:
-            return len(self._pending)
-        with anyio.CancelScope(shield=True):
-            remaining = await self.flush()
-            async with self._lock:
-                self._closed = True
-                await self._disconnect()
-        return remaining
-
-    # --- the operations ---------------------------------------------------------------
+        if not self._closed:
+            with anyio.CancelScope(shield=True):
+                await self.flush()
+                async with self._lock:
+                    self._closed = True
+                    await self._disconnect()
+        return len(self._pending)
 
     async def submit(self, op: str, apply: Apply) -> bool:
-        """Queue a write behind any earlier failed ones and try to commit the queue.
-
-        Returns whether this write landed. A write that did not is reported as a fault of
-        ``op`` and stays queued.
-        """
-        item = _PendingWrite(op, apply)
+        """Queue a write behind earlier failed ones, commit the queue; True if it landed."""
+        item: _Item = (op, apply, ["pending"])
         async with self._lock:
-            self._enqueue(item)
+            if len(self._pending) >= self._max_pending:
+                oldest = self._pending.popleft()
+                oldest[2][0] = "dropped"
+                self.dropped_writes += 1
+                log.error("store: retry queue full (%d writes); dropped the oldest %s write "
+                          "(%d dropped since start)", self._max_pending, oldest[0],
+                          self.dropped_writes)  # fmt: skip
+            self._pending.append(item)
             error = await self._drain_locked()
-        if item.state is _State.PENDING:
+        if item[2][0] == "pending":
             self.report(op, error)
-        return item.state is _State.LANDED
+        return item[2][0] == "landed"
 
     async def flush(self) -> int:
         """Retry queued writes now; return how many are still waiting (0 = all saved)."""
         async with self._lock:
             error = await self._drain_locked()
-            # The write that failed is the one now at the head of the queue.
-            head = self._pending[0].op if self._pending else None
+            head = self._pending[0][0] if self._pending else None
         if error is not None and head is not None:
             self.report(head, error)
         return len(self._pending)
 
     async def read(self, op: str, query: Callable[[Connection], Awaitable[T]], default: T) -> T:
         """Run a query; on a fault report ``op`` and return ``default``."""
-        async with self._lock:
-            try:
-                with anyio.CancelScope(shield=True):
-                    result = await query(await self._connection())
-            except FAULTS as exc:
-                self._note_failure(exc)
-                self.report(op, exc)
-                return default
-            self._healthy = True
-            return result
+        try:
+            result = await self.run(query)
+        except FAULTS as exc:
+            self.report(op, exc)
+            return default
+        # The database answers; but writes still queued mean it cannot record yet.
+        self._healthy = self._healthy or not self._pending
+        return result
 
     async def write(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """One transaction now, not queued. Faults are raised (after bookkeeping), because
-        the callers (budget reservations, cleanup) each decide what a failure means."""
-        async with self._lock:
-            try:
-                with anyio.CancelScope(shield=True):
-                    result = await self._transaction(body)
-            except FAULTS as exc:
-                self._note_failure(exc)
-                raise
-            return result
+        """One transaction now, not queued; faults are raised (after bookkeeping)."""
+        return await self.run(body, transaction=True)
 
-    async def run(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """Statements that must run outside a transaction (VACUUM-like pragmas); raises."""
+    async def run(self, body: Callable[[Connection], Awaitable[T]], *, transaction: bool = False
+                  ) -> T:  # fmt: skip
+        """``body`` on the connection (in a transaction if asked); faults are raised."""
         async with self._lock:
             try:
                 with anyio.CancelScope(shield=True):
-                    result = await body(await self._connection())
+                    conn = None if transaction else await self._connection()
+                    result = await (body(conn) if conn else self._transaction(body))
             except FAULTS as exc:
-                self._note_failure(exc)
+                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
                 raise
-            return result
+        return result
 
     def report(self, op: str, exc: BaseException | None = None) -> None:
         """Log a fault of ``op`` (one line) and tell ``on_error``."""
         if exc is not None:
             queued = f"; {len(self._pending)} writes queued for retry" if self._pending else ""
             log.warning("store: %s failed: %s%s", op, describe(exc), queued)
-        if self._on_error is None:
-            return
-        try:
-            self._on_error(op)
-        except Exception:
-            # A broken metrics hook must not turn a handled fault into an unhandled one.
-            log.exception("store: on_error callback failed")
-
-    # --- queue --------------------------------------------------------------------------
-
-    def _enqueue(self, item: _PendingWrite) -> None:
-        if len(self._pending) >= self._max_pending:
-            oldest = self._pending.popleft()
-            oldest.state = _State.DROPPED
-            self.dropped_writes += 1
-            log.error(
-                "store: retry queue full (%d writes); dropped the oldest %s write "
-                "(%d dropped since start)",
-                self._max_pending,
-                oldest.op,
-                self.dropped_writes,
-            )
-        self._pending.append(item)
+        if self._on_error is not None:
+            try:
+                self._on_error(op)
+            except Exception:  # a broken metrics hook must not turn a handled fault unhandled
+                log.exception("store: on_error callback failed")
 
     async def _drain_locked(self) -> BaseException | None:
-        """Commit queued writes in order, in batches; stop at the first fault and return it.
-
-        The caller holds the lock, so nothing else touches the queue meanwhile.
-        """
+        """Commit queued writes in order, in batches; stop at the first fault and return it."""
         for _ in range(len(self._pending) // _DRAIN_BATCH + 1):
             if not self._pending:
                 break
@@ -247,88 +178,80 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     rejected = await self._transaction(partial(_apply_batch, batch=batch))
             except FAULTS as exc:
-                self._note_failure(exc)
+                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
                 return exc
             for item in batch:
                 self._pending.popleft()
-                item.state = _State.LANDED
-            for item, why in rejected:
-                item.state = _State.DROPPED
-                log.error(
-                    "store: %s write rejected by the database and dropped: %s",
-                    item.op,
-                    describe(why),
-                )
-                self.report(item.op)
+                item[2][0] = "landed"
+            for (op, _, state), why in rejected:
+                state[0] = "dropped"
+                log.error("store: %s write rejected by the database and dropped: %s", op,
+                          describe(why))  # fmt: skip
+                self.report(op)
         return None
 
-    # --- connection ---------------------------------------------------------------------
-
     async def _transaction(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """``body`` inside BEGIN IMMEDIATE … COMMIT. The caller holds the lock and a shield."""
+        # IMMEDIATE takes the write lock up front: a deferred read-then-write could find its
+        # snapshot stale, and the budget check must read totals nobody can change meanwhile.
         conn = await self._connection(write=True)
-        # IMMEDIATE takes the write lock up front: a deferred transaction that reads first
-        # could find its snapshot stale when it tries to write (SQLITE_BUSY_SNAPSHOT), and
-        # the budget check must read totals nobody else can change before its insert.
         try:
             await conn.execute_fetchall("BEGIN IMMEDIATE")
             result = await body(conn)
             await conn.execute_fetchall("COMMIT")
         except BaseException as exc:
-            await self._rollback(conn)
-            if _needs_reopen(exc):
-                self._reopen_for_write = True
+            try:
+                if conn.in_transaction:
+                    await conn.execute_fetchall("ROLLBACK")
+            except FAULTS:
+                self._broken = True  # cannot tell what state it is in: start afresh
+            self._reopen_for_write = self._reopen_for_write or _needs_reopen(exc)
             raise
-        self._healthy = True
-        self._reopen_for_write = False
+        self._healthy, self._reopen_for_write = True, False
         return result
-
-    async def _rollback(self, conn: Connection) -> None:
-        try:
-            if conn.in_transaction:
-                await conn.execute_fetchall("ROLLBACK")
-        except FAULTS:
-            # Cannot tell what state the connection is in: start afresh next time.
-            self._broken = True
 
     async def _connection(self, *, write: bool = False) -> Connection:
         """The open connection, (re)opened first when needed. The caller holds the lock."""
         if self._closed:
             raise StoreError("store is closed")
-        if self._conn is not None and not self._broken and not (write and self._reopen_for_write):
-            if _file_identity(self.path) == self._identity:
-                return self._conn
+        conn, before = self._conn, self._identity
+        if conn is not None and not self._broken and not (write and self._reopen_for_write):
+            if _file_identity(self.path) == before:
+                return conn
             log.warning("store: database file %s was replaced or removed; reopening", self.path)
         await self._disconnect()
-        self._conn = await self._connect()
-        self._broken = False
-        return self._conn
+        # Compared before reopening: a new file may well reuse the freed inode number.
+        changed = before is not None and _file_identity(self.path) != before
+        self._replaced = self._replaced or changed
+        conn = await self._connect(check=before is None or changed)
+        if self._replaced and self.on_replaced is not None:
+            try:
+                await self.on_replaced(conn)
+            except BaseException:
+                await _close_quietly(conn)
+                raise
+            self._replaced = False
+        self._conn, self._broken = conn, False
+        return conn
 
-    async def _connect(self) -> Connection:
+    async def _connect(self, *, check: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
             conn.row_factory = sqlite3.Row
-            # Lets cleanup hand freed pages back to the filesystem without a full VACUUM.
-            # Only possible before the first table exists, and setting it at all is a write
-            # (which would fail on a read-only file), so only for a new file.
-            tables = list(await conn.execute_fetchall("SELECT count(*) FROM sqlite_master"))
-            if tables[0][0] == 0:
+            # auto_vacuum lets cleanup return pages without VACUUM; it can only be set before
+            # the first table exists, and setting it is a write (fails on a read-only file).
+            if next(iter(await conn.execute_fetchall("SELECT count(*) FROM sqlite_master")))[0]:
+                if check:  # at start, and on a file that replaced ours
+                    await _refuse_if_corrupted(conn, self.path)
+            else:
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
-            mode = await self._enable_wal(conn)
-            if mode != "wal":
-                log.warning(
-                    "store: %s is not in WAL mode (journal_mode=%s); readers may block writers",
-                    self.path,
-                    mode,
-                )
-            # FULL: every commit is fsynced, so a committed budget reservation survives power
-            # loss, not only a crash of the process (docs/storage.md). At a few commits a
-            # minute the cost does not matter.
+            if (mode := await self._enable_wal(conn)) != "wal":
+                log.warning("store: %s is not in WAL mode (journal_mode=%s); readers may block "
+                            "writers", self.path, mode)  # fmt: skip
+            # FULL: every commit is fsynced, so a committed reservation survives power loss.
             await conn.execute_fetchall("PRAGMA synchronous = FULL")
             await conn.execute_fetchall("PRAGMA foreign_keys = ON")
-            # The connector's timeout sets it already; repeated so that a custom connector
-            # cannot leave it at 0 (fail at once on any contention).
+            # Again, so that a custom connector cannot leave it at 0 (fail on any contention).
             busy_ms = max(0, int(self._busy_timeout * 1000))
             await conn.execute_fetchall(f"PRAGMA busy_timeout = {busy_ms}")
             await migrate(conn, now=self._clock.time())
@@ -339,71 +262,85 @@ class Engine:
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:
-        """Switch a new file to WAL (a no-op, and no lock, once it is in WAL mode).
-
-        The switch needs an exclusive lock. While another connection holds the write lock of
-        a rollback-journal file (another process creating the same file at the same moment),
-        SQLite fails the switch at once instead of running the busy handler, to avoid a
-        deadlock. So retry, in real time (another process is what we wait for), within the
-        busy timeout.
-        """
+        # While another connection holds the write lock of a rollback-journal file, SQLite
+        # fails the switch at once (no busy handler): retry in real time within busy_timeout.
         mode = await _journal_mode(conn, "PRAGMA journal_mode")
-        if mode == "wal":
-            return mode
-        attempts = max(1, int(self._busy_timeout / _WAL_RETRY_SECONDS))
-        for attempt in range(attempts):
+        attempts = max(1, int(self._busy_timeout / 0.02))
+        for attempt in range(attempts if mode != "wal" else 0):
             try:
                 return await _journal_mode(conn, "PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as exc:
-                name = getattr(exc, "sqlite_errorname", None) or ""
-                if not name.startswith(_CONTENTION) or attempt == attempts - 1:
+                if not _contention(exc) or attempt == attempts - 1:
                     raise
-                await anyio.sleep(_WAL_RETRY_SECONDS)
-        return mode  # pragma: no cover - the loop returns or raises
+                await anyio.sleep(0.02)
+        return mode
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await _close_quietly(conn)
 
-    def _note_failure(self, exc: BaseException) -> None:
-        self._healthy = False
-        if _needs_reopen(exc):
-            self._broken = True
+
+async def _connected(conn: Connection) -> None:
+    return None
 
 
-async def _apply_batch(
-    conn: Connection, *, batch: Sequence[_PendingWrite]
-) -> list[tuple[_PendingWrite, BaseException]]:
-    """Apply queued writes inside the caller's transaction; return those the database
-    rejected (each undone through its own savepoint, the others kept)."""
-    rejected: list[tuple[_PendingWrite, BaseException]] = []
+async def _apply_batch(conn: Connection, *, batch: list[_Item]) -> list[tuple[_Item, Exception]]:
+    """Apply queued writes in the caller's transaction; return those the database rejected,
+    each undone through its own savepoint (the others are kept)."""
+    rejected: list[tuple[_Item, Exception]] = []
     for item in batch:
         await conn.execute_fetchall("SAVEPOINT pending_write")
         try:
-            await item.apply(conn)
-        except _POISON as exc:
-            await conn.execute_fetchall("ROLLBACK TO pending_write")
-            rejected.append((item, exc))
-        except FAULTS:
-            raise  # the database's state, not the write: retry the whole batch later
+            await item[1](conn)
         except Exception as exc:
-            # A bug in the write itself would fail the same way on every retry and block
-            # everything queued behind it.
-            log.exception("store: %s write failed with an unexpected error", item.op)
+            if isinstance(exc, FAULTS) and not isinstance(exc, _POISON):
+                raise  # the database's state, not the write: retry the whole batch later
+            if not isinstance(exc, _POISON):  # a bug: would fail on every retry
+                log.exception("store: %s write failed with an unexpected error", item[0])
             await conn.execute_fetchall("ROLLBACK TO pending_write")
             rejected.append((item, exc))
         await conn.execute_fetchall("RELEASE pending_write")
     return rejected
 
 
+_HAS_LEDGER: Final = "SELECT 1 FROM sqlite_master WHERE name = 'budget_windows'"
+_BAD_TOTALS: Final = """SELECT count(*) FROM budget_windows WHERE typeof(tokens) != 'integer'
+    OR tokens < 0 OR typeof(nanousd) != 'integer' OR nanousd < 0 OR typeof(start) != 'integer'"""
+
+
+async def integrity_problems(conn: Connection) -> str:
+    """``"ok"``, or what integrity_check, foreign_key_check and the ledger's rules found."""
+    found = [str(r[0]) for r in await conn.execute_fetchall("PRAGMA integrity_check")]
+    problems = [p for p in found if p != "ok"] + [
+        f"foreign key violation: {r[0]} rowid {r[1]} references {r[2]}"
+        for r in await conn.execute_fetchall("PRAGMA foreign_key_check")
+    ]
+    # Values SQLite accepts but the ledger cannot: such totals deny (or grant) everything.
+    if not problems and list(await conn.execute_fetchall(_HAS_LEDGER)):
+        rows = list(await conn.execute_fetchall(_BAD_TOTALS))
+        problems += [f"budget_windows: {rows[0][0]} rows with invalid totals"] if rows[0][0] else []
+    return "\n".join(problems) if problems else "ok"
+
+
+async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
+    try:
+        found = await integrity_problems(conn)
+    except sqlite3.DatabaseError as exc:
+        found = describe(exc)
+    if found != "ok":
+        first = " ".join(found.splitlines()[0].split())[:200]
+        raise StoreError(f"database {path} is corrupted ({first}); move it aside (a new one is "
+                         "then created) or restore a backup")  # fmt: skip
+
+
+def _contention(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlite_errorname", None) or "").startswith(_CONTENTION)
+
+
 def _needs_reopen(exc: BaseException) -> bool:
-    """Anything but lock contention or a rejected row may have left the connection unusable
-    (read-only handle, I/O error, a file swapped underneath): start afresh."""
-    if not isinstance(exc, FAULTS) or isinstance(exc, _POISON):
-        return False
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    return not name.startswith(_CONTENTION)
+    """Anything but contention or a refused row may have left the connection unusable."""
+    return isinstance(exc, FAULTS) and not isinstance(exc, _POISON) and not _contention(exc)
 
 
 async def _journal_mode(conn: Connection, pragma: str) -> str:

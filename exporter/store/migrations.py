@@ -1,13 +1,10 @@
-"""Forward-only, numbered schema migrations.
+"""Forward-only, numbered schema migrations; ``PRAGMA user_version`` = migrations applied.
 
-``PRAGMA user_version`` is the schema version: the number of migrations applied. Each
-migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the ``user_version``
-bump (the header write is transactional), so a migration is applied completely or not at
-all, and two processes opening the same new file cannot both apply it: the second one waits
-for the write lock, re-reads the version inside its transaction and finds nothing to do.
-
-Migrations are SQL kept in Python strings rather than ``.sql`` files so they ship inside the
-wheel without package-data configuration. Never edit a released migration: append a new one.
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction with the ``user_version`` bump
+(the header write is transactional), so it is applied completely or not at all, and of two
+processes opening a new file the second waits for the lock, re-reads the version and finds
+nothing to do. SQL lives in Python strings so it ships in the wheel. Never edit a released
+migration: append a new one.
 """
 
 from __future__ import annotations
@@ -34,129 +31,59 @@ class Migration:
     statements: tuple[str, ...]
 
 
-_INITIAL = Migration(
-    version=1,
-    name="initial schema",
-    statements=(
-        # One row per probe run. The scalar columns are what queries filter and sort on;
-        # ``details`` is ProbeResult.to_dict() as JSON and is the source of truth on read.
-        """
-        CREATE TABLE probe_runs (
-            id               INTEGER PRIMARY KEY,
-            run_id           TEXT NOT NULL UNIQUE,
-            provider         TEXT NOT NULL,
-            model            TEXT NOT NULL,
-            probe            TEXT NOT NULL,
-            verdict          TEXT NOT NULL,
-            caching_works    INTEGER CHECK (caching_works IN (0, 1)),
-            hit_ratio        REAL,
-            success          INTEGER NOT NULL CHECK (success IN (0, 1)),
-            error_type       TEXT,
-            error            TEXT,
-            started_at       REAL NOT NULL,
-            finished_at      REAL NOT NULL,
-            duration_seconds REAL NOT NULL,
-            details          TEXT NOT NULL
-        )
-        """,
-        # recent_runs / latest_results filter by target and sort by time.
-        "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
-        # recent_runs?probe=... without provider.
-        "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
-        # reliability window, recent_runs without filters, retention.
-        "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
-        # Token totals per run. cached/cache_write NULL = no request reported the field.
-        """
-        CREATE TABLE token_usage (
-            id                 INTEGER PRIMARY KEY,
-            run_id             TEXT NOT NULL UNIQUE
-                               REFERENCES probe_runs (run_id) ON DELETE CASCADE,
-            provider           TEXT NOT NULL,
-            model              TEXT NOT NULL,
-            prompt_tokens      INTEGER NOT NULL,
-            cached_tokens      INTEGER,
-            cache_write_tokens INTEGER,
-            completion_tokens  INTEGER NOT NULL,
-            spend_usd          REAL NOT NULL,
-            savings_usd        REAL NOT NULL,
-            at                 REAL NOT NULL
-        )
-        """,
-        "CREATE INDEX token_usage_at ON token_usage (at)",
-        "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
-        # One row per budget reservation. Money is integer nano-USD so sums are exact.
-        # day_start/month_start name the windows the reservation counts in (decided when it
-        # is made); month_end tells retention whether the reservation can still matter.
-        """
-        CREATE TABLE budget_ledger (
-            id               INTEGER PRIMARY KEY,
-            provider         TEXT NOT NULL,
-            reserved_tokens  INTEGER NOT NULL CHECK (reserved_tokens >= 0),
-            reserved_nanousd INTEGER NOT NULL CHECK (reserved_nanousd >= 0),
-            actual_tokens    INTEGER CHECK (actual_tokens >= 0),
-            actual_nanousd   INTEGER CHECK (actual_nanousd >= 0),
-            settled          INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)),
-            at               REAL NOT NULL,
-            settled_at       REAL,
-            day_start        INTEGER NOT NULL,
-            month_start      INTEGER NOT NULL,
-            month_end        INTEGER NOT NULL
-        )
-        """,
-        "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
-        "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
-        # Running totals per provider and window, maintained in the same transaction as every
-        # ledger insert/settle: the budget check reads one row per window instead of summing a
-        # month of ledger rows, and retention can delete old ledger rows without changing
-        # what the current windows have used.
-        """
-        CREATE TABLE budget_windows (
-            provider TEXT NOT NULL,
-            kind     TEXT NOT NULL CHECK (kind IN ('day', 'month')),
-            start    INTEGER NOT NULL,
-            "end"    INTEGER NOT NULL,
-            tokens   INTEGER NOT NULL DEFAULT 0,
-            nanousd  INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (provider, kind, start)
-        ) WITHOUT ROWID
-        """,
-        'CREATE INDEX budget_windows_end ON budget_windows ("end")',
-        """
-        CREATE TABLE balances (
-            id       INTEGER PRIMARY KEY,
-            provider TEXT NOT NULL,
-            currency TEXT NOT NULL,
-            amount   REAL NOT NULL,
-            at       REAL NOT NULL
-        )
-        """,
-        "CREATE INDEX balances_latest ON balances (provider, currency, at)",
-        "CREATE INDEX balances_at ON balances (at)",
-        """
-        CREATE TABLE model_state (
-            provider              TEXT NOT NULL,
-            model                 TEXT NOT NULL,
-            consecutive_failures  INTEGER NOT NULL,
-            consecutive_successes INTEGER NOT NULL,
-            cooldown_until        REAL,
-            updated_at            REAL NOT NULL,
-            PRIMARY KEY (provider, model)
-        ) WITHOUT ROWID
-        """,
-    ),
-)
+# probe_runs.details is ProbeResult.to_dict() as JSON, the source of truth on read; the other
+# columns are what queries filter and sort on. Money in the ledger is integer nano-USD.
+# budget_windows holds running totals per provider and window, maintained in the transaction
+# of every ledger insert/settle: the check reads one row per window, and retention can delete
+# old ledger rows without changing what the current windows have used.
+_INITIAL = Migration(1, "initial schema", (
+    """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
+        provider TEXT NOT NULL, model TEXT NOT NULL, probe TEXT NOT NULL, verdict TEXT NOT NULL,
+        caching_works INTEGER CHECK (caching_works IN (0, 1)), hit_ratio REAL,
+        success INTEGER NOT NULL CHECK (success IN (0, 1)), error_type TEXT, error TEXT,
+        started_at REAL NOT NULL, finished_at REAL NOT NULL, duration_seconds REAL NOT NULL,
+        details TEXT NOT NULL)""",
+    "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
+    "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
+    "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
+    # cached/cache_write NULL = no request of the run reported the field.
+    """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
+        REFERENCES probe_runs (run_id) ON DELETE CASCADE, provider TEXT NOT NULL,
+        model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER,
+        cache_write_tokens INTEGER, completion_tokens INTEGER NOT NULL,
+        spend_usd REAL NOT NULL, savings_usd REAL NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX token_usage_at ON token_usage (at)",
+    "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
+    """CREATE TABLE budget_ledger (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+        reserved_tokens INTEGER NOT NULL CHECK (reserved_tokens >= 0),
+        reserved_nanousd INTEGER NOT NULL CHECK (reserved_nanousd >= 0),
+        actual_tokens INTEGER CHECK (actual_tokens >= 0),
+        actual_nanousd INTEGER CHECK (actual_nanousd >= 0),
+        settled INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)), at REAL NOT NULL,
+        settled_at REAL, day_start INTEGER NOT NULL, month_start INTEGER NOT NULL,
+        month_end INTEGER NOT NULL)""",
+    "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
+    "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
+    """CREATE TABLE budget_windows (provider TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('day', 'month')), start INTEGER NOT NULL,
+        "end" INTEGER NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
+        nanousd INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (provider, kind, start)) WITHOUT ROWID""",
+    'CREATE INDEX budget_windows_end ON budget_windows ("end")',
+    """CREATE TABLE balances (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+        currency TEXT NOT NULL, amount REAL NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX balances_latest ON balances (provider, currency, at)",
+    "CREATE INDEX balances_at ON balances (at)",
+    """CREATE TABLE model_state (provider TEXT NOT NULL, model TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL, consecutive_successes INTEGER NOT NULL,
+        cooldown_until REAL, updated_at REAL NOT NULL, PRIMARY KEY (provider, model))
+        WITHOUT ROWID""",
+))  # fmt: skip
 
 MIGRATIONS: tuple[Migration, ...] = (_INITIAL,)
 
-# Part of the machinery rather than of a migration: an audit trail next to user_version,
-# saying when each migration was applied.
-_AUDIT_TABLE = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version    INTEGER PRIMARY KEY,
-    name       TEXT NOT NULL,
-    applied_at REAL NOT NULL
-)
-"""
+# Machinery rather than a migration: when each migration was applied.
+_AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL, applied_at REAL NOT NULL)"""
 
 
 async def schema_version(conn: aiosqlite.Connection) -> int:
@@ -164,18 +91,21 @@ async def schema_version(conn: aiosqlite.Connection) -> int:
     return int(rows[0][0])
 
 
-async def migrate(
-    conn: aiosqlite.Connection,
-    *,
-    now: float,
-    migrations: Sequence[Migration] = MIGRATIONS,
-) -> int:
-    """Bring the schema up to date; return the version the file is at afterwards.
+def _too_new(version: int, latest: int) -> SchemaTooNewError:
+    return SchemaTooNewError(
+        f"database schema version {version} is newer than this exporter supports ({latest}); "
+        "upgrade the exporter or point it at another database file"
+    )
 
-    ``conn`` must be in autocommit mode (``isolation_level=None``): transactions are explicit.
-    Raises ``SchemaTooNewError`` for a file from a newer exporter, ``StoreError`` when the
-    migration list itself is inconsistent, and sqlite3 errors when a statement fails (the
-    failing migration is rolled back; earlier ones stay applied).
+
+async def migrate(
+    conn: aiosqlite.Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
+) -> int:
+    """Bring the schema up to date (``conn`` in autocommit mode); return the version after.
+
+    Raises ``SchemaTooNewError`` for a file from a newer exporter, ``StoreError`` for an
+    inconsistent migration list, sqlite3 errors when a statement fails (that migration is
+    rolled back; earlier ones stay applied).
     """
     for index, migration in enumerate(migrations, start=1):
         if migration.version != index:
@@ -183,23 +113,14 @@ async def migrate(
                 f"migration {migration.name!r} is numbered {migration.version}, expected {index}"
             )
     latest = len(migrations)
-    version = await schema_version(conn)
-    if version > latest:
-        raise SchemaTooNewError(
-            f"database schema version {version} is newer than this exporter supports "
-            f"({latest}); upgrade the exporter or point it at another database file"
-        )
+    if (version := await schema_version(conn)) > latest:
+        raise _too_new(version, latest)
     for migration in migrations[version:]:
         await conn.execute_fetchall("BEGIN IMMEDIATE")
         try:
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            current = await schema_version(conn)
+            current = await schema_version(conn)  # another process may have migrated meanwhile
             if current > latest:
-                raise SchemaTooNewError(
-                    f"database schema version {current} is newer than this exporter "
-                    f"supports ({latest}); upgrade the exporter or point it at another "
-                    "database file"
-                )
+                raise _too_new(current, latest)
             if current >= migration.version:
                 await conn.execute_fetchall("ROLLBACK")
                 continue
@@ -214,13 +135,8 @@ async def migrate(
             )
             await conn.execute_fetchall("COMMIT")
         except BaseException:
-            await _rollback_quietly(conn)
+            # No transaction open, or the connection is gone: the original error is the one.
+            with contextlib.suppress(aiosqlite.Error, ValueError):
+                await conn.execute_fetchall("ROLLBACK")
             raise
     return await schema_version(conn)
-
-
-async def _rollback_quietly(conn: aiosqlite.Connection) -> None:
-    # No transaction open (BEGIN itself failed) or the connection is gone: either way there
-    # is nothing left to undo, and the original error is the one to report.
-    with contextlib.suppress(aiosqlite.Error, ValueError):
-        await conn.execute_fetchall("ROLLBACK")

@@ -70,13 +70,18 @@ class WebConfigMiddleware:
             # Detail is logged by the source; the client learns nothing about the file.
             await _plain(send, 500, _INTERNAL_ERROR, ())
             return
-        if not self._allow(config.rate_limit):
+        authorization = _header(scope, b"authorization") if config.users else None
+        # A credential that already passed skips the rate limit: an unauthenticated flood
+        # must not make Prometheus' scrapes 429.
+        known = bool(config.users) and self.authenticator.cached(config.users, authorization)
+        if not known and not self._allow(config.rate_limit):
             await _plain(send, 429, b"Too Many Requests", ())
             return
         extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in config.headers.items()]
-        if config.users:
-            authorization = _header(scope, b"authorization")
-            if not await self.authenticator.check(config.users, authorization):
+        if config.users and not known:
+            client = scope.get("client")
+            peer = str(client[0]) if client else None
+            if not await self.authenticator.check(config.users, authorization, peer):
                 await _plain(send, 401, b"Unauthorized", [*extra, (b"www-authenticate", b"Basic")])
                 return
         if not extra:
