@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 import threading
 from collections.abc import Callable
@@ -50,6 +51,18 @@ def is_broken_pipe(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(is_broken_pipe(inner) for inner in exc.exceptions)
     return False
+
+
+def reader_gone(stream: TextIO) -> bool:
+    """Whether ``stream`` is a pipe whose reader has already closed it, checked without
+    writing: a command whose output comes only at the end (``loadtest``) then spends nothing.
+    """
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (tests' StringIO), no poll
+        return False
 
 
 def silence_stdout() -> None:

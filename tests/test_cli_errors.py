@@ -191,6 +191,40 @@ def test_probe_into_a_closed_pipe_sends_nothing(sim: SimProcess, tmp_path: Path)
     assert sim.chat_requests() == before
 
 
+def test_loadtest_into_a_closed_pipe_sends_nothing(sim: SimProcess) -> None:
+    before = sim.chat_requests()
+    load = ["loadtest", "--base-url", sim.base_url, "--model", "sim-cache-ok", "-n", "4"]
+    proc = _cli(*load, "-c", "2", stdout=_closed_pipe())
+    # The report comes only at the end, so the closed pipe is checked before anything is sent.
+    _quiet_broken_pipe(proc)
+    assert sim.chat_requests() == before
+
+
+def test_loadtest_whose_reader_leaves_during_the_run(sim: SimProcess) -> None:
+    load = ["loadtest", "--base-url", sim.base_url, "--model", "sim-cache-ok", "-n", "10"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", *load, "-c", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        err = Lines(proc.stderr)
+        err.until("loadtest: 10 requests")  # announced: the requests are going out now
+        proc.stdout.close()  # the reader goes away before the report is written
+        assert proc.wait(60) == EXIT_BROKEN_PIPE
+        lines = err.rest()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in "".join(lines), lines
+    assert [line.split(":")[0] for line in lines] == ["warning", "loadtest"]
+
+
 def _quiet_broken_pipe(proc: subprocess.CompletedProcess[str]) -> None:
     """A reader that stops early is not an error worth a message (as for `yes | head`)."""
     assert proc.returncode == EXIT_BROKEN_PIPE, proc.stderr
