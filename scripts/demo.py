@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -37,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from exporter.simulator.models import DEFAULT_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
@@ -52,6 +55,7 @@ FAILING_ON_PURPOSE = {
     "sim-error": "HTTP 500 on every request: failed runs, cooldown, failure alerts",
     "sim-ratelimited": "429 on a third of requests: retries, Retry-After, sometimes a failed run",
     "sim-cache-broken": 'answers, but never serves from cache: verdict "broken"',
+    "sim-cache-evicting": 'a busy server: only the shared template is ever cached: "broken"',
     "sim-no-cache-fields": 'reports no cache fields at all: "not reported", no verdict',
 }
 INSTALL_PROM = (
@@ -468,9 +472,14 @@ def summary(
         lines.append(f"   Grafana     not installed (grafana-server): {INSTALL_GRAFANA}")
     lines += ["", "   Failing on purpose, so the alerts and error panels have something to show:"]
     lines += [f"     {model:<20} {what}" for model, what in FAILING_ON_PURPOSE.items()]
+    others = ", ".join(m.name for m in DEFAULT_MODELS if m.name not in FAILING_ON_PURPOSE)
+    lines += textwrap.wrap(
+        f"The others cache as their names say: {others}.",
+        width=92,
+        initial_indent="   ",
+        subsequent_indent="     ",
+    )
     lines += [
-        "   The others (sim-cache-ok, sim-cache-write, sim-cache-short-ttl, sim-cache-flaky) "
-        "cache as their names say.",
         "",
         "   One model under the microscope:",
         f"     {BIN.relative_to(ROOT)}/prompt-cache-exporter probe --base-url {sim_base} "

@@ -127,7 +127,8 @@ def test_demo_with_prometheus_and_alertmanager(tmp_path: Path, demo_runs: list[D
     demo_runs.append(demo)
     text = demo.wait_for("One model under the microscope")
     # It names the models that fail on purpose, and what each shows.
-    for model in ("sim-error", "sim-ratelimited", "sim-cache-broken", "sim-no-cache-fields"):
+    failing = ("sim-error", "sim-ratelimited", "sim-cache-broken", "sim-cache-evicting")
+    for model in (*failing, "sim-no-cache-fields"):
         assert re.search(rf"^\s+{model}\s+\S", text, re.MULTILINE), text
     assert "Grafana     not installed (grafana-server)" in text or "Grafana     http" in text
     urls = _urls(text)
