@@ -338,14 +338,15 @@ def _print_report(
     print(f"{adapter.type_name} {adapter.base_url}  model {model}", file=out)
     header = (
         f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
-        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
+        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8} {'span':<16}  result"
     )
     for result in results:
         works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
         ratio = "-" if result.hit_ratio is None else f"{result.hit_ratio:.3f}"
         print(
             f"\n{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
-            f"{ratio}, run {result.run_id}, {result.duration_seconds:.2f}s)",
+            f"{ratio}, run {result.run_id}, {result.duration_seconds:.2f}s)"
+            + (f"\n  trace {result.trace_id}" if result.trace_id else ""),
             file=out,
         )
         if result.error:
@@ -397,7 +398,8 @@ def _print_report(
                 f"{_fmt_tokens(r.prompt_tokens):>7} {_fmt_tokens(r.cached_tokens):>7} "
                 f"{_fmt_tokens(r.run_cached_tokens):>6} "
                 f"{_fmt_tokens(r.cache_write_tokens):>6} {_fmt_tokens(r.completion_tokens):>5} "
-                f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8}  "
+                f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8} "
+                f"{r.span_id or '-':<16}  "
                 f"{_fmt_hit(r, slow)}",
                 file=out,
             )

@@ -11,10 +11,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from exporter import tracecontext
 from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
 from tests.simulator_process import SimProcess, simulator
 
@@ -558,3 +560,60 @@ balance_check_interval = "1h"
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0] == runs_before
     assert "below the stop threshold" in second.log()
+
+
+def test_every_request_carries_the_trace_of_its_run_in_api_runs(
+    sim: SimProcess, tmp_path: Path
+) -> None:
+    """Issue 13: the simulator (a tracing gateway's stand-in on 127.0.0.1) logs the
+    traceparent of every request the running exporter sent; each is valid W3C, its trace id
+    is the one /api/runs shows for the run, its span id one of that run's requests, and
+    /api/runs?trace_id= finds the run from the trace."""
+    providers = f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{sim.base_url}"
+api_key_env = "SIM_API_KEY"
+include = ["sim-cache-ok", "sim-cache-broken"]
+concurrency = 2
+isolation_delay = "0s"
+"""
+    probes = probes_toml(basic="1s/900ms", partial="2s/1500ms")
+    exporter = start_exporter(
+        tmp_path,
+        config_text(
+            sim_url=sim.base_url, db_path=tmp_path / "db.sqlite", providers=providers, probes=probes
+        ),
+    )
+
+    def api_runs(**params: str) -> list[dict[str, Any]]:
+        response = httpx.get(exporter.url + "/api/runs", params=params, timeout=10)
+        response.raise_for_status()
+        runs: list[dict[str, Any]] = response.json()["runs"]
+        return runs
+
+    try:
+        assert wait_for(lambda: len(api_runs(limit="1000")) >= 8, 30), exporter.log()
+        received = httpx.get(sim.url + "/sim/log", params={"limit": "10000"}, timeout=10).json()
+        headers = [e["traceparent"] for e in received["entries"]]
+        assert len(headers) >= 16
+        parsed = [tracecontext.parse_traceparent(h or "") for h in headers]
+        assert all(p is not None and p[2] == "01" for p in parsed), headers
+        sent: dict[str, list[str]] = {}
+        for p in parsed:
+            assert p is not None
+            sent.setdefault(p[0], []).append(p[1])
+        # Runs still in flight when the log was read finish within their deadline.
+        assert wait_for(lambda: set(sent) <= {r["trace_id"] for r in api_runs(limit="1000")}, 10), (
+            exporter.log()
+        )
+        runs = {r["trace_id"]: r for r in api_runs(limit="1000") if r["trace_id"] in sent}
+        assert len(runs) == len(sent)  # one trace per run, none shared
+        for trace_id, spans in sent.items():
+            run = runs[trace_id]
+            assert spans == [r["span_id"] for r in run["requests"]]
+            assert [r["run_id"] for r in api_runs(trace_id=trace_id)] == [run["run_id"]]
+        assert exporter.terminate() == 0
+    finally:
+        exporter.kill()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from exporter.loadtest.result import ClassStats, LoadResult
 from exporter.loadtest.stats import Summary
-from exporter.reports.model import HistoryReport, LoadReport, rfc3339, trace_id
+from exporter.reports.model import HistoryReport, LoadReport, rfc3339
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -146,13 +146,12 @@ def history_text(report: HistoryReport) -> str:
     for run in report.runs:
         ttft = run.ttft
         error = f"{run.error_type}: {run.error}" if run.error_type else ""
-        trace = trace_id(run)
         lines.append(
             f"{rfc3339(run.finished_at):<20} {clean(run.provider)[:12]:<12} "
             f"{clean(run.model)[:24]:<24} {clean(run.probe)[:12]:<12} "
             f"{run.verdict.value:<13} {ratio(run.hit_ratio):>9} "
             f"{seconds(ttft.cold_seconds):>9} {seconds(ttft.warm_seconds):>9}  "
-            f"{clean(error)}" + (f" trace {trace}" if trace else "")
+            f"{clean(error)}" + (f" trace {run.trace_id}" if run.trace_id else "")
         )
     if not report.runs:
         lines.append("(no runs match)")
