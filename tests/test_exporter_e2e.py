@@ -18,7 +18,7 @@ import pytest
 
 from exporter import tracecontext
 from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
-from tests.simulator_process import SimProcess, simulator
+from tests.simulator_process import SimProcess, free_port, simulator
 
 pytestmark = pytest.mark.slow
 
@@ -615,5 +615,69 @@ isolation_delay = "0s"
             assert spans == [r["span_id"] for r in run["requests"]]
             assert [r["run_id"] for r in api_runs(trace_id=trace_id)] == [run["run_id"]]
         assert exporter.terminate() == 0
+    finally:
+        exporter.kill()
+
+
+def test_an_outage_pauses_the_provider_and_it_resumes_when_the_upstream_is_back(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: the real exporter against a port nobody listens on (connection refused for
+    every model): the provider is paused for the outage, with no model in cooldown; once the
+    simulator starts on that port, a trial run succeeds and every model is probed again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    providers = f"""
+[[providers]]
+name = "sim"
+type = "openai"
+base_url = "{url}"
+api_key_env = "SIM_API_KEY"
+models = ["sim-cache-ok", "sim-cache-broken"]
+isolation_delay = "0s"
+"""
+    exporter = start_exporter(
+        tmp_path,
+        config_text(
+            sim_url=url,
+            db_path=tmp_path / "db.sqlite",
+            providers=providers,
+            probes=probes_toml(basic="1s/900ms"),
+            extra='outage_retry = "2s"',
+        ),
+    )
+    models = ("sim-cache-ok", "sim-cache-broken")
+
+    def paused() -> float | None:
+        return value(exporter.scrape(), "llmcache_provider_paused", provider="sim", reason="outage")
+
+    def cooldowns(samples: dict[Any, float]) -> list[float | None]:
+        return [value(samples, "llmcache_model_cooldown", provider="sim", model=m) for m in models]
+
+    try:
+        assert wait_for(lambda: paused() == 1, 20), exporter.log()
+        samples = exporter.scrape()
+        assert cooldowns(samples) == [0, 0]
+        failures = [
+            value(samples, "llmcache_consecutive_failures", provider="sim", model=m) for m in models
+        ]
+        assert sorted(failures) == [1, 2]  # the streak: m1, m2, m1; then the pause
+        assert "provider outage: probing paused, one trial run every 2s" in exporter.log()
+        time.sleep(3)  # a trial or two fail meanwhile: still paused, still no cooldown
+        assert paused() == 1
+        assert cooldowns(exporter.scrape()) == [0, 0]
+        with simulator(port=port):
+            assert wait_for(lambda: paused() == 0, 20), exporter.log()
+
+            def verdicts() -> list[float | None]:
+                s = exporter.scrape()
+                return [
+                    value(s, "llmcache_caching_works", provider="sim", model=m, probe="basic")
+                    for m in models
+                ]
+
+            assert wait_for(lambda: verdicts() == [1, 0], 20), exporter.log()
+            assert "outage over" in exporter.log()
+            assert exporter.terminate() == 0
     finally:
         exporter.kill()
