@@ -11,6 +11,8 @@ Example exposition (abridged)::
     llmcache_caching_works{model="sim-cache-ok",probe="basic",provider="sim"} 1.0
     # TYPE llmcache_cached_tokens counter
     llmcache_cached_tokens_total{model="sim-cache-ok",provider="sim"} 1024.0
+    # TYPE llmcache_price_usd_per_million_tokens gauge
+    llmcache_price_usd_per_million_tokens{kind="cache_read",model="sim-cache-ok",provider="sim"} 0.1
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.budget import BudgetSnapshot
+from exporter.results import ModelPrice
 from exporter.state import (
     CACHE_LABELS,
     REQUEST_BUCKETS,
@@ -49,6 +52,19 @@ PMP = ("provider", "model", "probe")
 
 def _delay_label(delay: float) -> str:
     return str(int(delay)) if float(delay).is_integer() else repr(float(delay))
+
+
+def _price_kinds(price: ModelPrice) -> tuple[tuple[str, float], ...]:
+    # The effective rates of exporter.pricing.cost_of, so that PromQL over these gauges
+    # gives the same figures as llmcache_spend_usd_total and llmcache_savings_usd_total.
+    read = price.input if price.cache_read is None else price.cache_read
+    write = price.input if price.cache_write is None else price.cache_write
+    return (
+        ("input", price.input),
+        ("output", price.output),
+        ("cache_read", read),
+        ("cache_write", write),
+    )
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram) -> None:
@@ -220,6 +236,13 @@ class ExporterCollector(Collector):
             "The price table in force for a model (version changes when a price does).",
             labels=(*PM, "version", "source"),
         )
+        rates = GaugeMetricFamily(
+            "llmcache_price_usd_per_million_tokens",
+            "USD per million tokens by kind, as spend and savings are computed: cache_read "
+            "and cache_write equal input where the model has no discounted price for them; "
+            "absent for a model without any price.",
+            labels=(*PM, "kind"),
+        )
         for m in models:
             base = [m.provider, m.model]
             for outcome, count in m.requests.items():
@@ -251,7 +274,10 @@ class ExporterCollector(Collector):
             price.add_metric(
                 [*base, info.version if info else "none", info.source if info else "none"], 1.0
             )
-        yield from (requests, errors, *counters.values(), duration, ttft, price)
+            if info is not None and info.price is not None:
+                for kind, usd in _price_kinds(info.price):
+                    rates.add_metric([*base, kind], usd)
+        yield from (requests, errors, *counters.values(), duration, ttft, price, rates)
 
     def _model_health_families(self, models: list[ModelSeries]) -> Iterator[Metric]:
         now = self._now()

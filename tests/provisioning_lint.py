@@ -29,8 +29,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+LINKS_RULES = PROMETHEUS_DIR / "rules" / "links.yml"
 RECORDING_RULES = PROMETHEUS_DIR / "rules" / "recording.yml"
 ALERTING_RULES = PROMETHEUS_DIR / "rules" / "alerts.yml"
+# Every rule file Prometheus loads, in the order of prometheus.yml.
+RULE_FILES = (LINKS_RULES, RECORDING_RULES, ALERTING_RULES)
 RULE_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_CONFIG = PROMETHEUS_DIR / "alertmanager.yml"
 DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
@@ -41,9 +44,18 @@ RUNBOOK = REPO / "docs" / "runbook.md"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_EXPORTER_CONFIG = REPO / "examples" / "compose.toml"
 
-RUNBOOK_URL_BASE = (
-    "https://github.com/prompt-cache-exporter/prompt-cache-exporter/blob/main/docs/runbook.md"
-)
+# The series of links.yml that carries the link bases, and how annotations read them.
+LINKS_SERIES = "llmcache:links:info"
+
+
+def link_base(label: str) -> str:
+    """The annotation template that expands to one link base of links.yml."""
+    first = f'{{{{ . | first | label "{label}" }}}}'
+    return f'{{{{ with query "{LINKS_SERIES}" }}}}{first}{{{{ end }}}}'
+
+
+RUNBOOK_LINK = link_base("runbook_url")
+GRAFANA_LINK = link_base("grafana_url")
 PROMETHEUS_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 JSON_API_DATASOURCE_UID = "pce-exporter-api"
 
@@ -72,6 +84,10 @@ DASHBOARD_RANGE_WINDOWS = frozenset(
     {"$__rate_interval", "${__rate_interval}", "$__range", "${__range}"}
 )
 
+# What "All" stands for where a variable has no custom All value (Grafana then joins
+# the values it found): the exporter job of docker-compose.yml.
+ALL_VALUES = {"job": "prompt-cache-exporter"}
+
 # Series that are not in docs/metrics.md but may be used: Prometheus' own, and
 # the process/platform collectors of prometheus-client.
 EXTERNAL_METRIC_PATTERNS = (
@@ -80,6 +96,9 @@ EXTERNAL_METRIC_PATTERNS = (
     re.compile(r"^scrape_[a-z_]+$"),
     re.compile(r"^process_[a-z_]+$"),
     re.compile(r"^python_[a-z_]+$"),
+    # Prometheus' and Alertmanager's own metrics, for the alerting-pipeline alerts.
+    re.compile(r"^prometheus_[a-z_]+$"),
+    re.compile(r"^alertmanager_[a-z_]+$"),
 )
 TARGET_LABELS = frozenset({"job", "instance"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -285,12 +304,17 @@ def variable_values(
 ) -> dict[str, str]:
     """Values for every variable of a dashboard, as Grafana would substitute them.
 
-    A variable left as None becomes `.*` when the dashboard's variable has an
-    "All" option (allValue `.*`), and raises ValueError otherwise (single-valued
-    variables, such as provider and model on the Model detail dashboard, need a
-    real value).
+    A variable left as None becomes its "All" value when the dashboard's variable has
+    an All option: `allValue` (`.*` for provider and model), or, without one, the
+    values Grafana would find, which for `job` is the compose job
+    (`prompt-cache-exporter`). Text boxes and custom variables take their current
+    value; the link variables (`label_values(llmcache:links:info, ...)`) the value of
+    links.yml. Any other variable left as None raises ValueError (single-valued
+    variables, such as provider and model on the Model detail dashboard, need a real
+    value).
     """
     chosen = {"provider": provider, "model": model, "job": job}
+    links = link_bases()
     values = {
         "datasource": "prometheus",
         "__rate_interval": rate_interval,
@@ -304,12 +328,20 @@ def variable_values(
         if name == "datasource":
             continue
         value = chosen.get(name)
+        if value is None and var.get("type") in ("textbox", "custom", "constant"):
+            value = str(var.get("current", {}).get("value") or var.get("query", ""))
+        if value is None:
+            m = re.fullmatch(
+                rf"label_values\({re.escape(LINKS_SERIES)},\s*(\w+)\)", str(var.get("query"))
+            )
+            if m:
+                value = links[m.group(1)]
         if value is None:
             if not var.get("includeAll"):
                 raise ValueError(
                     f"{dashboard['uid']}: variable ${name} has no All option; pass a value"
                 )
-            value = var.get("allValue") or ".*"
+            value = var.get("allValue") or ALL_VALUES.get(name, ".*")
         values[name] = value
     return values
 
@@ -481,8 +513,22 @@ def rule_groups(path: Path) -> list[dict[str, Any]]:
     return list(load_yaml(path)["groups"])
 
 
+def link_bases() -> dict[str, str]:
+    """The labels of the links series in links.yml: grafana_url, runbook_url, exporter_url."""
+    (rule,) = [
+        r for g in rule_groups(LINKS_RULES) for r in g["rules"] if r["record"] == LINKS_SERIES
+    ]
+    return dict(rule["labels"])
+
+
 def recording_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(RECORDING_RULES) for rule in group["rules"]]
+    """The recording rules of links.yml and recording.yml."""
+    return [
+        rule
+        for path in (LINKS_RULES, RECORDING_RULES)
+        for group in rule_groups(path)
+        for rule in group["rules"]
+    ]
 
 
 def alerting_rules() -> list[dict[str, Any]]:
@@ -514,10 +560,11 @@ def recording_rule_labels() -> dict[str, frozenset[str]]:
             if "histogram_quantile" in expr:
                 labels.discard("le")
         else:
-            first = _metric_identifiers(expr)[0]
-            known = out.get(first)
+            names = _metric_identifiers(expr)
+            # A constant (`vector(1)`, the links series) carries its static labels only.
+            known = out.get(names[0]) if names else frozenset()
             if known is None:
-                doc = _documented_base(first)
+                doc = _documented_base(names[0])
                 known = (doc.labels | TARGET_LABELS) if doc else frozenset()
             labels = set(known)
         out[rule["record"]] = frozenset(labels | set(rule.get("labels", {})))

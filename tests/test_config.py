@@ -195,7 +195,7 @@ def test_demo_targets_the_simulator():
     config = load_config(ROOT / "examples" / "demo.toml", env={})
     (sim,) = config.providers
     assert sim.base_url == "http://127.0.0.1:8089/v1"
-    assert sim.type == "openai"
+    assert sim.type == "venice"  # the simulator answers like Venice (balances, prices)
     assert config.probes.basic.interval <= 60
 
 

@@ -56,6 +56,8 @@ SEVERITIES = {"critical", "warning", "info", "none"}
 ALWAYS_FIRING = {"Watchdog"}
 # Panel types that show no values of their own and so need no unit.
 UNITLESS_PANEL_TYPES = {"row", "text", "dashlist", "alertlist", "news"}
+# Panel types that show static content and run no query.
+QUERYLESS_PANEL_TYPES = {"text"}
 
 
 def require(*names: str) -> str:
@@ -91,9 +93,7 @@ def test_prometheus_config_is_valid() -> None:
 
 
 def test_rule_files_are_valid() -> None:
-    assert_ok(
-        run(require("promtool"), "check", "rules", str(pl.RECORDING_RULES), str(pl.ALERTING_RULES))
-    )
+    assert_ok(run(require("promtool"), "check", "rules", *(str(p) for p in pl.RULE_FILES)))
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -111,6 +111,8 @@ def test_alertmanager_config_is_valid() -> None:
     [
         ({"alertname": "LLMCacheCachingBroken", "severity": "critical"}, "critical"),
         ({"alertname": "LLMCacheBalanceLow", "severity": "warning"}, "warning"),
+        ({"alertname": "LLMCacheCachingNeverWorked", "severity": "warning"}, "warning"),
+        ({"alertname": "LLMCacheProbeErrorBudgetBurn", "severity": "warning"}, "warning"),
         ({"alertname": "LLMCacheCachePollution", "severity": "info"}, "null"),
         ({"alertname": "Watchdog", "severity": "none"}, "heartbeat"),
         # Without a severity an alert still reaches a human.
@@ -274,12 +276,12 @@ INHIBITION_SCENARIOS = {
             )
         ],
     ),
-    "critical-burn-rate-over-warning": (
+    "fast-burn-over-slow-burn": (
         [
             _alert(
                 "LLMCacheWarmHitRateBudgetBurn",
                 "j2",
-                "critical",
+                "warning",
                 provider="venice",
                 model="m",
                 long="1h",
@@ -293,11 +295,13 @@ INHIBITION_SCENARIOS = {
                 "warning",
                 provider="venice",
                 model="m",
-                long="1d",
-                short="2h",
+                long=long,
+                short=short,
             )
+            for long, short in (("1d", "2h"), ("3d", "6h"))
         ],
         [
+            # Another model, and another fast pair, are not redundant.
             _alert(
                 "LLMCacheWarmHitRateBudgetBurn",
                 "j2",
@@ -306,7 +310,16 @@ INHIBITION_SCENARIOS = {
                 model="m2",
                 long="1d",
                 short="2h",
-            )
+            ),
+            _alert(
+                "LLMCacheWarmHitRateBudgetBurn",
+                "j2",
+                "warning",
+                provider="venice",
+                model="m",
+                long="6h",
+                short="30m",
+            ),
         ],
     ),
     "caching-broken-over-hit-ratio": (
@@ -334,10 +347,52 @@ INHIBITION_SCENARIOS = {
         ],
         [_alert("LLMCacheHitRatioDropped", "j3", "warning", provider="venice", model="m2")],
     ),
-    "cooldown-over-repeated-failures": (
+    "cooldown-over-everything-else-about-a-failing-model": (
         [_alert("LLMCacheModelCooldown", "j4", "warning", provider="venice", model="m")],
-        [_alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m")],
-        [_alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m2")],
+        [
+            _alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m"),
+            _alert("LLMCacheRequestErrorsHigh", "j4", "warning", provider="venice", model="m"),
+            _alert(
+                "LLMCacheProbeErrorBudgetBurn",
+                "j4",
+                "warning",
+                provider="venice",
+                model="m",
+                long="1h",
+                short="5m",
+            ),
+            _alert(
+                "LLMCacheProbesStale", "j4", "warning", provider="venice", model="m", probe="ttl"
+            ),
+        ],
+        [
+            _alert("LLMCacheProbeFailuresRepeated", "j4", "warning", provider="venice", model="m2"),
+            # A broken cache is not explained by failures.
+            _alert(
+                "LLMCacheCachingBroken",
+                "j4",
+                "critical",
+                provider="venice",
+                model="m",
+                probe="basic",
+            ),
+        ],
+    ),
+    "repeated-failures-over-error-ratios": (
+        [_alert("LLMCacheProbeFailuresRepeated", "j7", "warning", provider="venice", model="m")],
+        [
+            _alert("LLMCacheRequestErrorsHigh", "j7", "warning", provider="venice", model="m"),
+            _alert(
+                "LLMCacheProbeErrorBudgetBurn",
+                "j7",
+                "warning",
+                provider="venice",
+                model="m",
+                long="6h",
+                short="30m",
+            ),
+        ],
+        [_alert("LLMCacheRequestErrorsHigh", "j7", "warning", provider="venice", model="m2")],
     ),
     "budget-exhausted-over-nearly-and-pause": (
         [_alert("LLMCacheBudgetExhausted", "j5", "warning", provider="venice")],
@@ -441,10 +496,19 @@ def test_compose_images_are_pinned(compose_config: dict[str, Any]) -> None:
         assert re.search(r":v?\d+\.\d+\.\d+[\w.-]*$", image), (
             f"{name}: image {image} is not pinned to a version"
         )
-    env = compose_config["services"]["grafana"]["environment"]
-    assert re.fullmatch(
-        r"yesoreyeram-infinity-datasource@\d+\.\d+\.\d+", env["GF_PLUGINS_PREINSTALL_SYNC"]
-    )
+
+
+def test_grafana_starts_without_internet_access(compose_config: dict[str, Any]) -> None:
+    # A synchronous plugin install that cannot reach grafana.com stops Grafana; an
+    # asynchronous one (or the background updater) fails or replaces bundled plugins.
+    grafana = compose_config["services"]["grafana"]
+    env = grafana["environment"]
+    downloads = {"GF_INSTALL_PLUGINS", "GF_PLUGINS_PREINSTALL", "GF_PLUGINS_PREINSTALL_SYNC"}
+    assert not downloads & set(env), sorted(downloads & set(env))
+    assert env["GF_PLUGINS_PREINSTALL_DISABLED"] == "true"
+    assert env["GF_PLUGINS_PUBLIC_KEY_RETRIEVAL_DISABLED"] == "true"
+    # Plugins come from files in grafana/plugins/ (docs/dashboards.md).
+    assert Path(_binds(grafana)["/var/lib/grafana/plugins"]) == pl.REPO / "grafana" / "plugins"
 
 
 def _binds(service: dict[str, Any]) -> dict[str, str]:
@@ -508,6 +572,9 @@ def test_compose_exporter_config() -> None:
     assert config["storage"]["path"].startswith("/var/lib/prompt-cache-exporter/")
     (provider,) = config["providers"]
     assert provider["base_url"] == "http://simulator:8089/v1"
+    # The simulator speaks Venice's dialect: only the venice type reads its balance
+    # headers and published prices, which the balance and price panels need.
+    assert provider["type"] == "venice"
     assert provider["include"] == ["sim-*"]
     assert set(config["probes"]) == {"basic", "prompt_sizes", "partial", "persistence", "ttl"}
 
@@ -536,7 +603,7 @@ def test_prometheus_scrapes_the_exporter_and_alerts_to_alertmanager() -> None:
         for t in sc["targets"]
     ]
     assert am == ["alertmanager:9093"]
-    assert config["rule_files"] == ["rules/recording.yml", "rules/alerts.yml"]
+    assert config["rule_files"] == ["rules/links.yml", "rules/recording.yml", "rules/alerts.yml"]
     # The exporter-down alert selects the job by this name.
     down = next(r for r in pl.alerting_rules() if r["alert"] == "LLMCacheExporterDown")
     assert 'up{job="prompt-cache-exporter"}' in down["expr"]
@@ -579,7 +646,8 @@ def test_alerts_follow_mixin_conventions() -> None:
         annotations = rule["annotations"]
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key, "").strip(), f"{name}: no {key}"
-        assert annotations["runbook_url"] == f"{pl.RUNBOOK_URL_BASE}#{name.lower()}", name
+        # Link bases come from links.yml, the one setting (docs/runbook.md).
+        assert annotations["runbook_url"] == f"{pl.RUNBOOK_LINK}#{name.lower()}", name
         if name not in ALWAYS_FIRING:
             assert "{{" in annotations["description"], f"{name}: description is not templated"
             assert "dashboard_url" in annotations, f"{name}: no dashboard_url"
@@ -596,9 +664,42 @@ def test_dashboard_urls_point_at_existing_dashboards() -> None:
     for rule in pl.alerting_rules():
         url = rule["annotations"].get("dashboard_url")
         if url:
-            m = re.match(r"http://localhost:3000/d/([\w-]+)", url)
-            assert m, f"{rule['alert']}: {url} is not a Grafana dashboard URL"
+            m = re.match(re.escape(pl.GRAFANA_LINK) + r"/d/([\w-]+)", url)
+            assert m, f"{rule['alert']}: {url} does not start with the Grafana base of links.yml"
             assert m.group(1) in uids, f"{rule['alert']}: {url}"
+            # Variables in the link are URL-encoded (model ids contain `/`, `:`).
+            for value in re.findall(r"var-\w+=([^&]*)", url):
+                assert "| urlquery" in value, f"{rule['alert']}: {value} is not URL-encoded"
+
+
+def test_the_links_setting_is_one_series_with_every_base() -> None:
+    (links,) = pl.recording_rules()[:1]
+    assert links["record"] == pl.LINKS_SERIES
+    assert links["expr"].strip() == "vector(1)"
+    assert set(links["labels"]) == {"grafana_url", "runbook_url", "exporter_url"}
+    for label, url in links["labels"].items():
+        assert re.fullmatch(r"https?://[^\s/]+(/\S*)?", url), (label, url)
+        assert not url.endswith("/"), f"{label}: no trailing slash (paths are appended)"
+
+
+def test_pages_are_only_for_what_needs_acting_on_now() -> None:
+    # Critical means "wake someone": the exporter is down, or caching broke on a model
+    # that used to cache. Everything else is a ticket (warning) or context (info).
+    critical = {r["alert"] for r in pl.alerting_rules() if r["labels"]["severity"] == "critical"}
+    assert critical == {"LLMCacheExporterDown", "LLMCacheCachingBroken"}
+
+
+def test_rule_test_files_order_every_group_they_load() -> None:
+    # promtool evaluates the groups of a test in the listed order; a group left out
+    # would be evaluated in an arbitrary place and could see stale recorded values.
+    for path in sorted(pl.RULE_TESTS_DIR.glob("*.yml")):
+        spec = pl.load_yaml(path)
+        loaded = [
+            group["name"]
+            for rule_file in spec["rule_files"]
+            for group in pl.rule_groups(path.parent / rule_file)
+        ]
+        assert spec["group_eval_order"] == loaded, path.name
 
 
 def test_every_runbook_url_has_a_runbook_section() -> None:
@@ -722,6 +823,11 @@ def test_dashboard_variables(dashboard: dict[str, Any]) -> None:
         if var.get("includeAll"):
             assert var["allValue"] == ".*"
             assert var["multi"] is True
+    if "job" in variables:
+        # No custom All value: All is then the jobs the query found (the exporter's),
+        # not `.*`, which would match the Prometheus and Alertmanager targets as well.
+        assert variables["job"].get("allValue") is None
+        assert "llmcache_" in variables["job"]["query"]
     assert "provider" in variables
     if dashboard["uid"] != "pce-exporter-health":
         assert "model" in variables
@@ -742,6 +848,9 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
         if panel["type"] not in UNITLESS_PANEL_TYPES:
             unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
             assert unit, f"{where} ({panel['title']}): no unit"
+        if panel["type"] in QUERYLESS_PANEL_TYPES:
+            assert not panel.get("targets"), f"{where}: a {panel['type']} panel runs no query"
+            continue
         ds = panel.get("datasource")
         assert ds == pl.PROMETHEUS_DATASOURCE or ds.get("uid") == pl.JSON_API_DATASOURCE_UID, (
             f"{where} ({panel['title']}): data source {ds} is neither "
@@ -752,6 +861,21 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
             assert target.get("datasource", ds) == ds, (
                 f"{where}: target data source differs from the panel's"
             )
+
+
+def test_dashboard_links_percent_encode_what_they_carry(dashboard: dict[str, Any]) -> None:
+    # Model ids contain `/` and `:` (org/model, model:tag): a raw value breaks the link.
+    urls = re.findall(r'"url": "([^"]*)"', json.dumps(dashboard))
+    assert urls or dashboard["uid"] == "pce-exporter-health"
+    for url in urls:
+        for ref in re.findall(r"\$\{([^}]+)\}", url):
+            name = ref.split(":")[0]
+            if name.startswith("__data.fields.") or name in {"provider", "model"}:
+                assert ref.endswith(":percentencode"), f"{dashboard['title']}: {url}"
+
+
+def test_dashboards_are_read_only(dashboard: dict[str, Any]) -> None:
+    assert dashboard["editable"] is False
 
 
 def test_dashboard_layout(dashboard: dict[str, Any]) -> None:
