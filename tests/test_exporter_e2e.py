@@ -17,7 +17,14 @@ import httpx
 import pytest
 
 from exporter import tracecontext
-from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
+from tests.exporter_process import (
+    ExporterProcess,
+    config_text,
+    probes_toml,
+    sim_provider,
+    value,
+    wait_for,
+)
 from tests.simulator_process import SimProcess, free_port, simulator
 
 pytestmark = pytest.mark.slow
@@ -276,15 +283,7 @@ def test_restart_shows_restored_verdicts_before_any_new_probe(
     sim: SimProcess, tmp_path: Path
 ) -> None:
     db = tmp_path / "db.sqlite"
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = ["sim-cache-ok", "sim-cache-broken"]
-isolation_delay = "0s"
-"""
+    providers = sim_provider(sim.base_url, 'include = ["sim-cache-ok", "sim-cache-broken"]')
     first = start_exporter(
         tmp_path,
         config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
@@ -569,16 +568,9 @@ def test_every_request_carries_the_trace_of_its_run_in_api_runs(
     traceparent of every request the running exporter sent; each is valid W3C, its trace id
     is the one /api/runs shows for the run, its span id one of that run's requests, and
     /api/runs?trace_id= finds the run from the trace."""
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = ["sim-cache-ok", "sim-cache-broken"]
-concurrency = 2
-isolation_delay = "0s"
-"""
+    providers = sim_provider(
+        sim.base_url, 'include = ["sim-cache-ok", "sim-cache-broken"]', "concurrency = 2"
+    )
     probes = probes_toml(basic="1s/900ms", partial="2s/1500ms")
     exporter = start_exporter(
         tmp_path,
@@ -627,15 +619,7 @@ def test_an_outage_pauses_the_provider_and_it_resumes_when_the_upstream_is_back(
     simulator starts on that port, a trial run succeeds and every model is probed again."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{url}"
-api_key_env = "SIM_API_KEY"
-models = ["sim-cache-ok", "sim-cache-broken"]
-isolation_delay = "0s"
-"""
+    providers = sim_provider(url, 'models = ["sim-cache-ok", "sim-cache-broken"]')
     exporter = start_exporter(
         tmp_path,
         config_text(
