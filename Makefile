@@ -37,3 +37,4 @@ bench: bootstrap
 	$(VENV)/python -m benchmarks.probe_overhead
 	$(VENV)/python -m benchmarks.scrape
 	$(VENV)/python -m benchmarks.exporter_load
+	$(VENV)/python -m benchmarks.api_load_ttft

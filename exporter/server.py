@@ -20,6 +20,7 @@ path               methods    answer
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import json
@@ -88,6 +89,7 @@ _ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 # One render at a time: concurrent scrapes (an HA Prometheus pair) wait their turn rather
 # than holding two copies of a large exposition in memory at once.
 _RENDER_THREADS: Final = 1
+_CACHED_BYTES: Final = 8 << 20  # /api/runs answers kept (1 000 runs are a few MB)
 
 
 # Where /api/runs reads history from: the history store's narrow interface, the same seam the
@@ -149,7 +151,13 @@ def create_app(
     """
     probes = tuple(probe_names)
     render_limiter = anyio.CapacityLimiter(_RENDER_THREADS)
-    encode_limiter = anyio.CapacityLimiter(1)
+    # One /api/runs answer at a time: its CPU (decoding and encoding up to a thousand runs) is
+    # kept to one worker thread, however many clients ask, so probes' timings stay honest.
+    runs_limiter = anyio.CapacityLimiter(1)
+    # Answers by query, for as long as the history has not changed (``Store.history_version``;
+    # a source without it is never cached): Grafana's panels and a flood alike then cost one
+    # read and one encoding per change, not one per request.
+    answers: collections.OrderedDict[tuple[_RunsQuery, int], bytes] = collections.OrderedDict()
 
     async def metrics(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -206,25 +214,34 @@ def create_app(
             query = _parse_runs_query(request.query_params.multi_items(), probes)
         except _BadRequest as exc:
             return _json({"error": str(exc)}, 400)
-        try:
-            results = await runs.recent_runs(
-                provider=query.provider,
-                model=query.model,
-                probe=query.probe,
-                limit=query.limit,
-                trace_id=query.trace_id,
-            )
-        except Exception:
-            log.exception("/api/runs: reading the history failed")
-            return _json({"error": "history store unavailable"}, 503)
-        chosen = results[: query.limit]
+        async with runs_limiter:
+            version = getattr(runs, "history_version", None)
+            key = (query, version) if isinstance(version, int) else None
+            if key is not None and key in answers:
+                answers.move_to_end(key)
+                return _json_response(answers[key], 200)
+            try:
+                results = await runs.recent_runs(
+                    provider=query.provider,
+                    model=query.model,
+                    probe=query.probe,
+                    limit=query.limit,
+                    trace_id=query.trace_id,
+                )
+            except Exception:
+                log.exception("/api/runs: reading the history failed")
+                return _json({"error": "history store unavailable"}, 503)
+            chosen = results[: query.limit]
 
-        def encode() -> Response:
-            return _json({"runs": [run_to_json(r) for r in chosen]}, 200)
+            def encode() -> bytes:
+                return _json_bytes({"runs": [run_to_json(r) for r in chosen]})
 
-        # A thousand runs take tens of milliseconds to encode: in a worker thread, one at a
-        # time, so heavy /api/runs traffic cannot delay the probes' timings on the loop.
-        return await anyio.to_thread.run_sync(encode, limiter=encode_limiter)
+            body = await anyio.to_thread.run_sync(encode)
+            if key is not None and getattr(runs, "history_version", None) == version:
+                answers[key] = body
+                while sum(map(len, answers.values())) > _CACHED_BYTES:
+                    answers.popitem(last=False)
+            return _json_response(body, 200)
 
     async def landing(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
@@ -451,10 +468,18 @@ def _only(request: Request, *methods: str) -> Response | None:
 
 
 def _json(body: Any, status: int) -> Response:
+    return _json_response(_json_bytes(body), status)
+
+
+def _json_bytes(body: Any) -> bytes:
     # allow_nan=False after replacing non-finite floats: NaN is not JSON and Grafana rejects it.
     text = json.dumps(_finite(body), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def _json_response(body: bytes, status: int) -> Response:
     return Response(
-        text.encode("utf-8"),
+        body,
         status_code=status,
         media_type="application/json",
         headers={"Cache-Control": "no-store"},

@@ -13,11 +13,14 @@ from typing import Any
 
 import aiosqlite
 import anyio
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from exporter.budget import Budget, BudgetLimits
 from exporter.clock import FakeClock
 from exporter.results import ErrorType, ProbeResult, RequestRecord, SizeOutcome, Verdict
+from exporter.server import DependencyStatus, Readiness, create_app, serve
 from exporter.store import (
     MAX_RECENT_RUNS,
     ModelState,
@@ -417,29 +420,6 @@ async def test_latest_results_gives_the_newest_run_per_target(db_path: Path) -> 
     assert sorted(r.run_id for r in latest) == ["new", "other", "ttl"]
 
 
-@pytest.mark.anyio
-async def test_reliability_inputs_cover_the_window_only(db_path: Path) -> None:
-    async with await Store.open(db_path, clock=FakeClock(START)) as store:
-        await store.record_run(run("before", finished_at=START - DAY - 1))
-        await store.record_run(
-            run("edge", finished_at=START - DAY, verdict=Verdict.BROKEN, hit_ratio=0.0)
-        )
-        await store.record_run(
-            run("in", finished_at=START - 10, verdict=Verdict.ERROR, hit_ratio=None)
-        )
-        await store.record_run(run("later", finished_at=START - 5, hit_ratio=0.75))
-        await store.record_run(run("other", model="m2", finished_at=START - 1))
-        inputs = await store.reliability_inputs(since=START - DAY)
-    assert inputs == {
-        ("venice", "llama-3.3-70b"): [
-            (Verdict.BROKEN, 0.0),
-            (Verdict.ERROR, None),
-            (Verdict.WORKS, 0.75),
-        ],
-        ("venice", "m2"): [(Verdict.WORKS, 0.9)],
-    }
-
-
 # --- balances and model state ----------------------------------------------------------
 
 
@@ -794,7 +774,7 @@ async def test_directory_gone_then_back(tmp_path: Path, errors: Errors) -> None:
         assert await store.latest_results() == []
         assert await store.latest_balances() == {}
         assert await store.load_model_states() == {}
-        assert await store.reliability_inputs(since=0) == {}
+        assert await store.reliability_stats(since=0) == {}
         assert await budget.reserve("venice", 1, 0.0) is None
         assert await store.cleanup(older_than=START) == 0
         assert (await store.integrity_check()).startswith("unavailable: ")
@@ -1088,3 +1068,53 @@ async def test_a_corrupted_database_is_refused_at_start_with_one_line(
         f"cannot open database {db_path}: "
     )
     assert "move it aside" in message or "malformed" in message or "not a database" in message
+
+
+# --- readers caching on history_version ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_api_runs_answers_are_cached_until_the_history_changes(db_path: Path) -> None:
+    reads: list[str] = []
+
+    class CountingStore:
+        """The real store, counting the reads /api/runs makes."""
+
+        def __init__(self, store: Store) -> None:
+            self.store = store
+
+        @property
+        def history_version(self) -> int:
+            return self.store.history_version
+
+        async def recent_runs(self, **query: Any) -> list[ProbeResult]:
+            reads.append(str(query))
+            return await self.store.recent_runs(**query)
+
+    clock = FakeClock(START)
+    async with await Store.open(db_path, clock=clock) as store:
+        app = create_app(
+            registry=CollectorRegistry(),
+            runs=CountingStore(store),  # type: ignore[arg-type]
+            readiness=lambda: Readiness.of(store=DependencyStatus(True)),
+            reload=None,
+            web_config=None,
+            probe_names=("basic",),
+            version="t",
+        )
+        await store.record_run(run("r1", finished_at=START - 2 * DAY))
+        async with serve(app, host="127.0.0.1", port=0) as address:
+
+            async def ids() -> list[str]:
+                async with httpx.AsyncClient(base_url=address.url, timeout=10) as client:
+                    response = await client.get("/api/runs")
+                return [r["run_id"] for r in response.json()["runs"]]
+
+            assert await ids() == ["r1"]
+            assert await ids() == ["r1"]
+            assert len(reads) == 1  # the second answer came from the cache
+            await store.record_run(run("r2", finished_at=START))
+            assert await ids() == ["r2", "r1"]  # a new run is never hidden by the cache
+            assert await store.cleanup(older_than=START - DAY) == 2  # r1 and its usage
+            assert await ids() == ["r2"]
+            assert len(reads) == 3

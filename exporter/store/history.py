@@ -18,9 +18,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
+import anyio.to_thread
+
 from exporter.clock import Clock
 from exporter.reliability import ReliabilityStats
-from exporter.results import ProbeResult, Verdict
+from exporter.results import ProbeResult
 from exporter.store.engine import DEFAULT_BUSY_TIMEOUT as _BUSY
 from exporter.store.engine import DEFAULT_MAX_PENDING as _PENDING
 from exporter.store.engine import (
@@ -100,9 +102,6 @@ class ProbeStore(Protocol):
         trace_id: str | None = None,
     ) -> list[ProbeResult]: ...  # fmt: skip
     async def latest_results(self) -> list[ProbeResult]: ...
-    async def reliability_inputs(
-        self, *, since: float
-    ) -> dict[tuple[str, str], list[tuple[Verdict, float | None]]]: ...
     async def reliability_stats(
         self, *, since: float, provider: str | None = None, model: str | None = None
     ) -> dict[tuple[str, str], ReliabilityStats]: ...
@@ -124,6 +123,8 @@ class Store(Ledger):
 
     def __init__(self, engine: Engine, clock: Clock) -> None:
         self._db, self._clock, self._seen = engine, clock, {}
+        # Bumped by every change of the run history, so readers can cache what they built.
+        self.history_version = 0
         engine.on_replaced = self._carry_forward
 
     @classmethod
@@ -217,6 +218,7 @@ class Store(Ledger):
             await conn.execute_fetchall(_UPSERT_USAGE, usage)
 
         await self._db.submit("write_run", apply)
+        self.history_version += 1
 
     async def save_balance(self, provider: str, currency: str, amount: float) -> None:
         """Record a balance the provider reported, stamped with the store's clock."""
@@ -252,24 +254,13 @@ class Store(Ledger):
         params = [v for v in filters.values() if v is not None]
         sql = f"SELECT details FROM probe_runs WHERE {where} "  # noqa: S608 - fixed clauses
         sql += "ORDER BY finished_at DESC, id DESC LIMIT ?"
-        return _decode(await self._fetch("read", sql, [*params, limit]))
+        rows = await self._fetch("read", sql, [*params, limit])
+        # Decoding a thousand runs takes tens of milliseconds: off the loop that times probes.
+        return await anyio.to_thread.run_sync(_decode, rows)
 
     async def latest_results(self) -> list[ProbeResult]:
         """The latest run of every (provider, model, probe), to restore state at start."""
-        return _decode(await self._fetch("restore", _LATEST_RUNS))
-
-    async def reliability_inputs(
-        self, *, since: float
-    ) -> dict[tuple[str, str], list[tuple[Verdict, float | None]]]:
-        """Per (provider, model): (verdict, hit_ratio) of each run finished at or after
-        ``since``, oldest first (verdicts a newer exporter wrote are not ours to score)."""
-        out: dict[tuple[str, str], list[tuple[Verdict, float | None]]] = {}
-        for provider, model, verdict, ratio in await self._fetch("read",
-                "SELECT provider, model, verdict, hit_ratio FROM probe_runs "
-                "WHERE finished_at >= ? ORDER BY finished_at, id", [float(since)]):  # fmt: skip
-            if verdict in Verdict._value2member_map_:
-                out.setdefault((provider, model), []).append((Verdict(verdict), ratio))
-        return out
+        return await anyio.to_thread.run_sync(_decode, await self._fetch("restore", _LATEST_RUNS))
 
     async def reliability_stats(
         self, *, since: float, provider: str | None = None, model: str | None = None
@@ -325,6 +316,7 @@ class Store(Ledger):
             for sql, param in single:
                 deleted += await self._db.write(partial(_execute, sql=sql, params=(param,)))
             if deleted:  # hand free pages back to the filesystem, refresh statistics
+                self.history_version += 1
                 for pragma in ("PRAGMA incremental_vacuum", "PRAGMA optimize"):  # fetch: all pages
                     await self._db.run(partial(_rows, sql=pragma, params=()))
         except FAULTS as exc:

@@ -1,19 +1,90 @@
-"""The values a web config file becomes, and the one error type every problem is reported as.
+"""The web config file as pydantic models, with exporter-toolkit's names and rules.
 
-Kept apart so parsing, TLS, the source and the middleware can share them without importing
-each other.
+A Go setting that Python's ``ssl`` cannot honour exactly is refused with a message saying so,
+never silently weakened. ``WebConfigFile`` is the file's layout, ``WebConfig`` the value in force.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Annotated, Any, Final, Self
 
-__all__ = ["RateLimit", "TLSServerConfig", "WebConfig", "WebConfigError"]
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from exporter.durations import Duration
+
+TLS_VERSIONS: Final = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+CLIENT_AUTH_TYPES: Final = (
+    "NoClientCert",
+    "RequestClientCert",
+    "RequireAnyClientCert",
+    "VerifyClientCertIfGiven",
+    "RequireAndVerifyClientCert",
+)
+# Go's names of the TLS 1.0-1.2 suites the toolkit accepts, and OpenSSL's names for them.
+TLS12_CIPHERS: Final = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+# TLS 1.3 suites are not configurable in Go either: listing them is accepted and does nothing.
+TLS13_CIPHERS: Final = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+)
+CURVES: Final = {
+    "CurveP256": "prime256v1",
+    "CurveP384": "secp384r1",
+    "CurveP521": "secp521r1",
+    "X25519": "X25519",
+}
+# The only headers the toolkit lets a web config set, and the values of the enumerated ones.
+ALLOWED_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = MappingProxyType(
+    {
+        "Content-Security-Policy": None,
+        "X-Frame-Options": ("deny", "sameorigin"),
+        "X-Content-Type-Options": ("nosniff",),
+        "X-XSS-Protection": None,
+        "Strict-Transport-Security": None,
+    }
+)
+# $2a$/$2b$/$2y$ are the variants both Go's and Python's bcrypt verify; cost 04-31.
+BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_HASH_HINT: Final = "generate one with: htpasswd -nBC 10 \"\" | tr -d ':\\n'"
 
 
 class WebConfigError(Exception):
@@ -25,51 +96,232 @@ class WebConfigError(Exception):
         super().__init__(f"web config file {self.path}: {detail}" if self.path else detail)
 
 
-@dataclass(frozen=True, slots=True)
-class TLSServerConfig:
-    """``tls_server_config``, paths resolved against the web config file's directory."""
+def invalid(message: str, field: str | None = None) -> PydanticCustomError:
+    """A validation error, about ``field`` below the key validated if given."""
+    return PydanticCustomError("webconfig", "{message}", {"message": message, "field": field})
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    cert: str | None = field(default=None, repr=False)
-    key: str | None = field(default=None, repr=False)  # a secret: never printed
-    client_auth_type: str = "NoClientCert"
-    client_ca_file: Path | None = None
-    client_ca: str | None = field(default=None, repr=False)
-    client_allowed_sans: tuple[str, ...] = ()
-    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
-    max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
-    cipher_suites: tuple[str, ...] = ()  # Go names, as written
-    prefer_server_cipher_suites: bool = True
-    curve_preferences: tuple[str, ...] = ()  # Go names, as written
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: Any) -> Any:
+        # The toolkit's YAML: a key set to null or "" is a key left out.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v not in ("", None) or k not in cls.model_fields}
+
+
+def _tls_version(value: Any) -> Any:
+    if isinstance(value, str) and value not in TLS_VERSIONS:
+        expected = ", ".join(TLS_VERSIONS)
+        raise ValueError(f'unknown TLS version "{value}" (expected one of {expected})')
+    if isinstance(value, str):
+        return TLS_VERSIONS[value]
+    if not isinstance(value, ssl.TLSVersion):
+        raise ValueError("must be a string")
+    return value
+
+
+def _file(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, str | Path):
+        raise ValueError("must be a string")
+    return Path((info.context or {}).get("base", "."), value)  # relative to the web config
+
+
+Names = tuple[Annotated[str, StringConstraints(strict=True, min_length=1)], ...]
+Secret = Annotated[str | None, StringConstraints(strict=True), Field(repr=False)]
+Version = Annotated[ssl.TLSVersion, BeforeValidator(_tls_version)]
+File = Annotated[Path | None, BeforeValidator(_file)]
+
+
+class TLSServerConfig(_Model):
+    """``tls_server_config``."""
+
+    cert: Secret = None
+    key: Secret = None
+    client_ca: Secret = None
+    cert_file: File = None
+    key_file: File = None
+    client_auth_type: Annotated[str, StringConstraints(strict=True)] = "NoClientCert"
+    client_ca_file: File = None
+    client_allowed_sans: Names = ()
+    min_version: Version = ssl.TLSVersion.TLSv1_2
+    max_version: Version = ssl.TLSVersion.TLSv1_3
+    cipher_suites: Names = ()  # Go names, as written
+    prefer_server_cipher_suites: StrictBool = True
+    curve_preferences: Names = ()  # Go names, as written
+
+    @property
+    def enabled(self) -> bool:
+        """The toolkit's rule: TLS is on when one of these is set; the rest alone does nothing."""
+        switches = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
+        return bool(self.model_fields_set & (switches | {"client_auth_type"}))
 
     @property
     def files(self) -> tuple[Path, ...]:
         """Files whose change must rebuild the TLS context."""
         return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
+    @field_validator("client_auth_type")
+    @classmethod
+    def _supported_auth_type(cls, value: str) -> str:
+        value = "RequireAnyClientCert" if value == "RequireClientCert" else value  # Go's alias
+        if value not in CLIENT_AUTH_TYPES:
+            expected = ", ".join(CLIENT_AUTH_TYPES)
+            raise ValueError(f'unknown value "{value}" (expected one of {expected})')
+        if value == "RequireAnyClientCert":
+            raise ValueError(
+                "RequireAnyClientCert is not supported (Python's ssl module cannot require a "
+                "client certificate without verifying it); use RequireAndVerifyClientCert "
+                "with client_ca_file"
+            )
+        return value
 
-@dataclass(frozen=True, slots=True)
-class RateLimit:
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.enabled:
+            return self
+        for inline in ("cert", "key", "client_ca"):
+            if getattr(self, inline) and getattr(self, f"{inline}_file"):
+                raise invalid(f"{inline} and {inline}_file are mutually exclusive")
+        for inline in ("cert", "key"):
+            if not (getattr(self, inline) or getattr(self, f"{inline}_file")):
+                raise invalid(f"missing one of {inline} or {inline}_file")
+        auth, has_ca = self.client_auth_type, bool(self.client_ca_file or self.client_ca)
+        if has_ca and auth == "NoClientCert":
+            raise invalid("client_ca_file or client_ca is set but client_auth_type is NoClientCert")
+        if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
+            raise invalid(f"client_auth_type {auth} needs client_ca_file or client_ca")
+        if self.client_allowed_sans and auth != "RequireAndVerifyClientCert":
+            problem = "requires client_auth_type RequireAndVerifyClientCert"
+            raise invalid(problem, "client_allowed_sans")
+        if self.min_version > self.max_version:
+            names = {v: k for k, v in TLS_VERSIONS.items()}
+            low, high = names[self.min_version], names[self.max_version]
+            raise invalid(f"min_version {low} is above max_version {high}")
+        for name in self.cipher_suites:
+            if name not in TLS12_CIPHERS and name not in TLS13_CIPHERS:
+                raise invalid(f'unknown cipher "{name}"', "cipher_suites")
+        tls12 = any(name in TLS12_CIPHERS for name in self.cipher_suites)
+        if self.cipher_suites and not tls12 and self.min_version < ssl.TLSVersion.TLSv1_3:
+            # Go would then fail every TLS 1.2 handshake; say so rather than guess.
+            problem = (
+                "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites "
+                "too or set min_version: TLS13"
+            )
+            raise invalid(problem, "cipher_suites")
+        for name in self.curve_preferences:
+            if name not in CURVES:
+                raise invalid(f'unknown curve "{name}"', "curve_preferences")
+        if len(self.curve_preferences) > 1:
+            problem = (
+                "Python's ssl module can restrict key exchange to one curve only; list one "
+                "curve or remove the key to use OpenSSL's defaults"
+            )
+            raise invalid(problem, "curve_preferences")
+        return self
+
+
+def _headers(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of header names to values")
+    for name, text in value.items():
+        if name not in ALLOWED_HEADERS:
+            allowed = ", ".join(ALLOWED_HEADERS)
+            raise ValueError(f'HTTP header "{name}" can not be configured (allowed: {allowed})')
+        choices = ALLOWED_HEADERS[name]
+        if text in ("", None):  # "Unset if blank"
+            continue
+        if not isinstance(text, str):
+            raise invalid("must be a string", name)
+        if any(c in text for c in "\r\n\0"):
+            raise invalid("must be a single line", name)
+        if choices is not None and text not in choices:
+            raise invalid(f'invalid value "{text}" (expected one of {", ".join(choices)})', name)
+    return MappingProxyType({k: v for k, v in value.items() if v not in ("", None)})
+
+
+def _users(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of user names to bcrypt hashes")
+    for name, hashed in value.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"user name {name!r} must be a non-empty string (quote it)")
+        if ":" in name:
+            # Basic auth splits "user:password" at the first colon: this user could never log in.
+            raise invalid('a user name cannot contain ":"', name)
+        # Never echo the hash: it is a secret (it allows an offline attack on the password).
+        if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
+            raise invalid(f"not a bcrypt hash ({_HASH_HINT})", name)
+    return MappingProxyType(dict(value))
+
+
+def _count(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+Headers = Annotated[Mapping[str, str], PlainValidator(_headers)]
+Users = Annotated[Mapping[str, str], PlainValidator(_users), Field(repr=False)]
+
+
+class RateLimit(_Model):
     """``rate_limit``: a token bucket of ``burst`` requests refilled one per ``interval``."""
 
-    interval: float
-    burst: int
+    interval: Duration = 0.0  # 0 turns the limit off, as in the toolkit
+    burst: Annotated[int, BeforeValidator(_count)] = 0
+
+    @model_validator(mode="after")
+    def _burst_with_interval(self) -> Self:
+        if self.interval and self.burst < 1:
+            # Go's limiter would then refuse every request; almost certainly not what is meant.
+            raise invalid("must be at least 1 when interval is set", "burst")
+        return self
 
 
-@dataclass(frozen=True, slots=True)
-class WebConfig:
+class HTTPServerConfig(_Model):
+    http2: StrictBool = True
+    headers: Headers = Field(default_factory=_empty)
+
+
+class WebConfigFile(_Model):
+    """The file's layout; ``value()`` is the ``WebConfig`` it describes."""
+
+    tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
+    http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
+    basic_auth_users: Users = Field(default_factory=_empty)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+
+    def value(self, path: Path) -> WebConfig:
+        tls, http, limit = self.tls_server_config, self.http_server_config, self.rate_limit
+        return WebConfig(
+            path=path,
+            tls=tls if tls.enabled else None,
+            headers=http.headers,
+            http2=http.http2,
+            users=self.basic_auth_users,
+            rate_limit=limit if limit.interval else None,
+        )
+
+
+class WebConfig(_Model):
     """A validated web config. ``WebConfig()`` is "no file": plain HTTP, no auth."""
 
     path: Path | None = None
     tls: TLSServerConfig | None = None
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    http2: bool = True  # accepted for compatibility; uvicorn serves HTTP/1.1 only
-    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    headers: Headers = Field(default_factory=_empty)
+    http2: StrictBool = True  # accepted for compatibility; uvicorn serves HTTP/1.1 only
+    users: Users = Field(default_factory=_empty)
     rate_limit: RateLimit | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
         """The config file and every file it names (what a change check must stat)."""
-        own = (self.path,) if self.path else ()
-        return own + (self.tls.files if self.tls else ())
+        return ((self.path,) if self.path else ()) + (self.tls.files if self.tls else ())

@@ -1,7 +1,4 @@
-"""``WebConfigSource``: the config in force, re-read when the file or its certificates change.
-
-Owns the fail-closed error state and the cached ``SSLContext`` for the current config.
-"""
+"""Reading the web config file (``load_web_config``) and following its changes (the source)."""
 
 from __future__ import annotations
 
@@ -12,16 +9,99 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from exporter.webconfig.models import WebConfig, WebConfigError
-from exporter.webconfig.parse import load_web_config
-from exporter.webconfig.tls import build_ssl_context
+import yaml
+from pydantic import BaseModel, ValidationError
 
-__all__ = ["WebConfigSource"]
+from exporter.webconfig import models
+from exporter.webconfig.models import WebConfig, WebConfigError, WebConfigFile
+from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
 
 log = logging.getLogger("exporter.webconfig")
 
-_Signature = tuple[tuple[int, int, int] | None, ...]
+# The model behind each section, to list its keys when an unknown one is found.
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": WebConfigFile,
+    "tls_server_config": models.TLSServerConfig,
+    "http_server_config": models.HTTPServerConfig,
+    "rate_limit": models.RateLimit,
+}
+_MESSAGES = {
+    "model_type": "must be a mapping of keys",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "tuple_type": "must be a list of non-empty strings",
+}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate keys, as Go's ``yaml.UnmarshalStrict`` does."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        with contextlib.suppress(TypeError):  # unhashable keys fail later with a clearer error
+            if key in seen:
+                raise WebConfigError(
+                    f'duplicate key "{key}" at line {key_node.start_mark.line + 1}'
+                )
+            seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
+    """Read and validate a web config file, loading its certificates to prove they work.
+
+    Raises ``WebConfigError`` with one line naming the key; values are never quoted back.
+    """
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+        parsed = WebConfigFile.model_validate(
+            {} if data is None else data, context={"base": path.parent}
+        )
+        config = parsed.value(path)
+        if config.tls is not None:
+            build_ssl_context(config.tls)
+    except OSError as exc:
+        raise WebConfigError(f"cannot read: {exc.strerror or exc}", path) from None
+    except UnicodeDecodeError:
+        raise WebConfigError("not UTF-8 text", path) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise WebConfigError(f"invalid YAML{where}: {problem}", path) from None
+    except ValidationError as exc:
+        raise WebConfigError("; ".join(dict.fromkeys(map(_describe, exc.errors()))), path) from None
+    except WebConfigError as exc:
+        raise WebConfigError(exc.detail, path) from None
+    return config
+
+
+def _describe(error: Any) -> str:
+    """``key.path: problem`` for one pydantic error."""
+    loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
+    if any(isinstance(part, int) for part in loc):  # an item of a list: the list is wrong
+        loc, kind = loc[: [isinstance(p, int) for p in loc].index(True)], "tuple_type"
+    if kind == "webconfig":
+        loc += [ctx["field"]] if ctx["field"] else []
+        message = ctx["message"]
+    elif kind == "value_error":
+        message = str(ctx["error"])
+    elif kind == "extra_forbidden":
+        expected = ", ".join(_SECTIONS[".".join(map(str, loc[:-1]))].model_fields)
+        message = f"unknown key (expected one of {expected})"
+    else:
+        message = _MESSAGES.get(kind, error["msg"])
+    return f"{'.'.join(map(str, loc)) or 'top level'}: {message}"
 
 
 class WebConfigSource:
@@ -32,8 +112,8 @@ class WebConfigSource:
     ``ssl_context()`` raise ``WebConfigError`` (requests get 500, handshakes fail) until the
     file is fixed. The toolkit fails closed the same way; serving the previous config instead
     would keep a revoked password working. Whether TLS is on is fixed at start-up (the socket
-    is either TLS or not): a change that adds or removes ``tls_server_config`` is an error
-    until reverted or the exporter restarts.
+    is TLS or not): a change that adds or removes ``tls_server_config`` is an error until
+    reverted or the exporter restarts.
     """
 
     def __init__(
@@ -48,12 +128,12 @@ class WebConfigSource:
         self._watch = watch and config.path is not None
         self._interval = check_interval
         self._monotonic = monotonic
-        self._tls_enabled = config.tls is not None
-        self._error: WebConfigError | None = None
-        self._signature = _signature(config.files)
         self._checked_at = monotonic()
+        self._signature = _signature(config.files)
+        self._error: WebConfigError | None = None
         self._ssl: ssl.SSLContext | None = None
-        self.generation = 0  # bumped on every successful reload (tests and logs use it)
+        self.tls_enabled = config.tls is not None
+        self.generation = 0  # bumped on every successful reload
 
     @classmethod
     def from_file(
@@ -65,10 +145,6 @@ class WebConfigSource:
     ) -> WebConfigSource:
         """Load ``path`` (raising ``WebConfigError``) and watch it."""
         return cls(load_web_config(path), check_interval=check_interval, monotonic=monotonic)
-
-    @property
-    def tls_enabled(self) -> bool:
-        return self._tls_enabled
 
     @property
     def error(self) -> str | None:
@@ -95,13 +171,10 @@ class WebConfigSource:
             return
         try:
             config = load_web_config(path)
-            if (config.tls is not None) != self._tls_enabled:
+            if (config.tls is not None) != self.tls_enabled:
                 state = "added" if config.tls is not None else "removed"
-                raise WebConfigError(
-                    f"tls_server_config: {state} while running; restart the exporter "
-                    "to switch between HTTP and HTTPS",
-                    path,
-                )
+                problem = "while running; restart the exporter to switch between HTTP and HTTPS"
+                raise WebConfigError(f"tls_server_config: {state} {problem}", path)
         except WebConfigError as exc:
             if self._error is None or str(self._error) != str(exc):
                 log.error("web config not applied, refusing requests until fixed: %s", exc)
@@ -109,10 +182,8 @@ class WebConfigSource:
             raise
         if self._error is not None:
             log.info("web config %s is valid again", path)
-        self._config = config
+        self._config, self._error, self._ssl = config, None, None
         self._signature = _signature(config.files)
-        self._error = None
-        self._ssl = None
         self.generation += 1
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -125,7 +196,17 @@ class WebConfigSource:
         return self._ssl
 
 
-def _signature(paths: tuple[Path, ...]) -> _Signature:
+def server_ssl_context(source: WebConfigSource) -> ssl.SSLContext | None:
+    """The context to serve with: None for plain HTTP, else one that follows ``source``."""
+    if not source.tls_enabled:
+        return None
+    source.ssl_context()  # fail at start-up, not at the first connection
+    ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.current = source.ssl_context
+    return ctx
+
+
+def _signature(paths: tuple[Path, ...]) -> list[tuple[int, int, int] | None]:
     out: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
@@ -134,4 +215,4 @@ def _signature(paths: tuple[Path, ...]) -> _Signature:
             out.append(None)
         else:
             out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
+    return out
