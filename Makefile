@@ -38,3 +38,4 @@ bench: bootstrap
 	$(VENV)/python -m benchmarks.scrape
 	$(VENV)/python -m benchmarks.exporter_load
 	$(VENV)/python -m benchmarks.api_load_ttft
+	$(VENV)/python -m benchmarks.proxy

@@ -29,6 +29,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.memtrim import configure_allocator
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.probes import PROBE_NAMES
+from exporter.proxy import serve_proxies
 from exporter.recorder import Recorder
 from exporter.runtime import budget_limits
 from exporter.scheduler import Scheduler
@@ -172,9 +173,12 @@ class Daemon:
                     probe_names=PROBE_NAMES,
                     version=__version__,
                 )
-                async with serve(
-                    app, host=config.server.host, port=config.server.port, web_config=web
-                ) as address:
+                async with (
+                    serve(
+                        app, host=config.server.host, port=config.server.port, web_config=web
+                    ) as address,
+                    serve_proxies(config, registry),
+                ):
                     log.info("prompt-cache-exporter %s serving on %s", __version__, address.url)
                     await self._supervise()
         finally:
