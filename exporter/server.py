@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import anyio
 import anyio.to_thread
@@ -43,6 +44,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from exporter import tracecontext
 from exporter.asgi import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -78,7 +80,7 @@ EXPORTER_NAME: Final = "prompt-cache-exporter"
 DEFAULT_RUNS_LIMIT: Final = 50
 MAX_RUNS_LIMIT: Final = 1000
 MAX_RELOAD_BODY: Final = 4096  # bytes; the body of /-/reload is read and ignored
-_RUNS_PARAMS: Final = ("provider", "model", "probe", "limit")
+_RUNS_PARAMS: Final = ("provider", "model", "probe", "trace_id", "limit")
 _NAME_VALUE: Final = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
 _NAME_RULE: Final = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
 _SAFE_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\[\]-]{1,40}")
@@ -126,6 +128,7 @@ class _RunsQuery:
     model: str | None
     probe: str | None
     limit: int
+    trace_id: str | None = None
 
 
 def create_app(
@@ -217,6 +220,7 @@ def create_app(
                     model=query.model,
                     probe=query.probe,
                     limit=query.limit,
+                    trace_id=query.trace_id,
                 )
             except Exception:
                 log.exception("/api/runs: reading the history failed")
@@ -236,7 +240,13 @@ def create_app(
     async def landing(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
             return refused
-        return HTMLResponse(_landing_page(version, reload is not None))
+
+        def render() -> str:
+            # The targets come from the collector (in memory, no I/O), off the event loop
+            # like a scrape, since a large registry takes a while to collect.
+            return _landing_page(version, reload is not None, registry, probes)
+
+        return HTMLResponse(await anyio.to_thread.run_sync(render, limiter=render_limiter))
 
     # Every route takes every method so the endpoint answers 405 itself, with a stable Allow.
     routes = [
@@ -358,6 +368,10 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
             raise _BadRequest(f"{key}: {_NAME_RULE}")
     if probe is not None and probe not in probes:
         raise _BadRequest(f"probe: must be one of {', '.join(probes)}")
+    # A trace id as tracing UIs show it; hex in either case (we record it in lower case).
+    trace_id = (values.get("trace_id") or "").lower() or None
+    if trace_id is not None and not tracecontext.TRACE_ID_PATTERN.fullmatch(trace_id):
+        raise _BadRequest("trace_id: must be 32 hexadecimal digits (a W3C trace id)")
     limit = DEFAULT_RUNS_LIMIT
     if values.get("limit"):
         text = values["limit"]
@@ -367,7 +381,7 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
         if not digits or not 1 <= int(text) <= MAX_RUNS_LIMIT:
             raise _BadRequest(f"limit: must be an integer from 1 to {MAX_RUNS_LIMIT}")
         limit = int(text)
-    return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit)
+    return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit, trace_id=trace_id)
 
 
 _REQUEST_FIELDS: Final = (
@@ -387,6 +401,7 @@ _REQUEST_FIELDS: Final = (
     "ttft_no_faster",
     "error_type",
     "error",
+    "span_id",
 )
 
 
@@ -398,6 +413,7 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     ttft = full["ttft"]
     return {
         "run_id": result.run_id,
+        "trace_id": result.trace_id,
         "provider": result.provider,
         "model": result.model,
         "probe": result.probe,
@@ -561,29 +577,105 @@ def _body_allowed(scope: Scope) -> bool:
     return not chunked and not length
 
 
-def _landing_page(version: str, reload_enabled: bool) -> str:
+_LANDING_FAMILIES: Final = {
+    "llmcache_probe_success": "success",
+    "llmcache_probe_last_run_timestamp_seconds": "last_run",
+    "llmcache_caching_works": "works",
+}
+
+
+def _probe_states(
+    registry: CollectorRegistry,
+) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """(provider, model) -> probe -> {"success", "last_run", "works"}, from one collect."""
+    targets: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for family in registry.collect():
+        key = _LANDING_FAMILIES.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if {"provider", "model", "probe"} <= labels.keys():
+                target = targets.setdefault((labels["provider"], labels["model"]), {})
+                target.setdefault(labels["probe"], {})[key] = sample.value
+    return targets
+
+
+def _probe_cell(state: Mapping[str, float]) -> str:
+    if not state.get("last_run"):
+        return "not run yet"
+    if not state.get("success"):
+        return "failed"
+    works = state.get("works")
+    if works is None:
+        return "no verdict"  # e.g. the API reports no cache fields
+    return "caching works" if works else "caching broken"
+
+
+def _targets_section(registry: CollectorRegistry, probe_names: Sequence[str]) -> str:
+    try:
+        targets = _probe_states(registry)
+    except Exception:
+        log.exception("landing page: collecting the probe states failed")
+        return "<p>The probe states are unavailable (see the exporter's log).</p>"
+    if not targets:
+        return (
+            "<p>Nothing probed yet: models are discovered from each configured provider at "
+            "start, then probed on their intervals.</p>"
+        )
+    header = "".join(f"<th>{escape(p)}</th>" for p in probe_names)
+    rows = []
+    for (provider, model), probes in sorted(targets.items()):
+        query = urlencode({"provider": provider, "model": model, "limit": 10})
+        cells = "".join(
+            f"<td>{escape(_probe_cell(probes[p]))}</td>" if p in probes else "<td>-</td>"
+            for p in probe_names
+        )
+        rows.append(
+            f"<tr><td>{escape(provider)}</td><td>{escape(model)}</td>{cells}"
+            f'<td><a href="{escape("api/runs?" + query)}">runs</a></td></tr>'
+        )
+    return (
+        f"<h2>What is probed ({len(targets)} models)</h2>\n"
+        "<p>The last run of each probe, as /metrics reports it.</p>\n"
+        f"<table>\n<tr><th>provider</th><th>model</th>{header}<th>evidence</th></tr>\n"
+        + "\n".join(rows)
+        + "\n</table>"
+    )
+
+
+def _landing_page(
+    version: str, reload_enabled: bool, registry: CollectorRegistry, probe_names: Sequence[str]
+) -> str:
     # Relative links, so the page works behind a reverse proxy that adds a path prefix.
     # No inline script or style: a strict Content-Security-Policy from the web config holds.
     links = [
-        ("metrics", "Metrics", "Prometheus exposition"),
+        ("metrics", "Metrics", "Prometheus exposition: scrape this"),
         ("healthz", "Health", "liveness"),
         ("readyz", "Readiness", "store and scheduler state, JSON"),
-        ("api/runs", "Runs", "recent probe runs and their evidence, JSON"),
+        ("api/runs", "Runs", "recent probe runs with every request's evidence, JSON"),
     ]
     items = "\n".join(
         f'<li><a href="{href}">{escape(title)}</a> ({escape(note)})</li>'
         for href, title, note in links
     )
     reload_note = (
-        "<p>Configuration reload: <code>POST -/reload</code>.</p>" if reload_enabled else ""
+        "<p>Configuration reload: <code>POST -/reload</code> (or SIGHUP).</p>"
+        if reload_enabled
+        else ""
     )
+    targets = _targets_section(registry, probe_names)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{EXPORTER_NAME}</title>\n</head>\n<body>\n"
         f"<h1>{EXPORTER_NAME}</h1>\n"
-        "<p>Prometheus exporter that probes LLM chat-completion APIs and measures whether "
-        "prompt caching works.</p>\n"
-        f"<p>Version: {escape(version)}</p>\n"
-        f"<ul>\n{items}\n</ul>\n{reload_note}\n</body>\n</html>\n"
+        "<p>A Prometheus exporter that probes LLM chat-completion APIs on its own schedule "
+        "and measures whether prompt caching works: hit ratios, prompt sizes, shared "
+        "prefixes, persistence and TTL, with tokens, spend and budget. Every value comes "
+        "from the last probe run; a scrape never calls a provider.</p>\n"
+        "<p>Point Prometheus at <code>/metrics</code>; the project's alerting rules and "
+        "Grafana dashboards (prometheus/ and grafana/ in the repository) read it.</p>\n"
+        f"<ul>\n{items}\n</ul>\n{reload_note}\n{targets}\n"
+        f"<p>Version {escape(version)}</p>\n</body>\n</html>\n"
     )

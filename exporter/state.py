@@ -35,7 +35,7 @@ RUN_OUTCOMES = ("success", "failure", "skipped")
 PREINIT_RUN_OUTCOMES = ("success", "failure")
 REQUEST_OUTCOMES = ("success", "failure")
 CACHE_LABELS = ("hit", "miss")
-PAUSE_REASONS = ("balance", "budget")
+PAUSE_REASONS = ("balance", "budget", "outage")
 STORE_OPERATIONS = (
     "write_run",
     "write_usage",

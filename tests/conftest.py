@@ -15,11 +15,19 @@ from exporter.prompts import PromptFactory
 from exporter.providers import adapter_class
 from exporter.results import ProbeResult
 from exporter.simulator.config import SimConfig
+from exporter.simulator.models import SimModel
 from exporter.simulator.server import SimulatorHandle, serve_simulator
 from exporter.transport import RetryPolicy, Transport
 
 # Tiny backoffs: retries are exercised for real, without waiting seconds.
 FAST_RETRIES = RetryPolicy(attempts=3, backoff=0.01, backoff_max=0.04, timeout=10.0)
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """probe and loadtest keep request bodies under the user's cache directory: a test's
+    (and its child processes') go to a temporary one instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture
@@ -63,6 +71,11 @@ class SimRig:
 
     async def probe(self, name: str, model: str, **kwargs: object) -> ProbeResult:
         return await run_probe(name, self.context(model, **kwargs))  # type: ignore[arg-type]
+
+
+# Throttles deterministically (the default sim-ratelimited throttles a seeded third of its
+# requests): chat requests 1-3 of every 4 get 429 with Retry-After: 1.
+EVERY_4TH = SimModel("sim-every-4th", ratelimit_period=4, retry_after=1.0)
 
 
 @pytest.fixture

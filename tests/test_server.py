@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 
 from exporter.clock import FakeClock
+from exporter.metrics import ExporterCollector, build_registry
 from exporter.results import ErrorType, ProbeResult, RequestRecord, SizeOutcome, Verdict
 from exporter.server import (
     DependencyStatus,
@@ -30,6 +31,7 @@ from exporter.server import (
     run_to_json,
     serve,
 )
+from exporter.state import State
 from exporter.store import Store
 from exporter.webconfig import WebConfig
 
@@ -54,9 +56,16 @@ class FakeRuns:
         self.calls: list[dict[str, Any]] = []
 
     async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
+        self,
+        *,
+        provider: str | None,
+        model: str | None,
+        probe: str | None,
+        limit: int,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]:
-        self.calls.append({"provider": provider, "model": model, "probe": probe, "limit": limit})
+        call = {"provider": provider, "model": model, "probe": probe, "limit": limit}
+        self.calls.append({**call, **({"trace_id": trace_id} if trace_id else {})})
         if self.error is not None:
             raise self.error
         return self.results
@@ -154,6 +163,7 @@ def rich_result() -> ProbeResult:
         requests=[
             RequestRecord(
                 label="prime",
+                span_id="00f067aa0ba902b7",
                 cold=True,
                 started_at=START,
                 status=200,
@@ -173,6 +183,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 1s",
+                span_id="53995c3f42cd8ad8",
                 cold=False,
                 status=200,
                 attempts=1,
@@ -186,6 +197,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 2s",
+                span_id="b7ad6b7169203331",
                 cold=False,
                 status=200,
                 attempts=1,
@@ -198,6 +210,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 5s",
+                span_id="e457b5a2e4d86bd1",
                 cold=False,
                 status=429,
                 attempts=3,
@@ -212,6 +225,7 @@ def rich_result() -> ProbeResult:
         ttl={1.0: True, 2.0: True, 5.0: None},
         first_miss_index=3,
         shared_prefix_tokens=1024,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
     )
 
 
@@ -408,6 +422,7 @@ def test_run_to_json_schema() -> None:
     data = run_to_json(rich_result())
     assert data == {
         "run_id": "rich",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "provider": "venice",
         "model": "qwen-2.5",
         "probe": "ttl",
@@ -449,6 +464,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": None,
                 "error_type": None,
                 "error": None,
+                "span_id": "00f067aa0ba902b7",
             },
             {
                 "label": "repeat after 1s",
@@ -467,6 +483,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": False,
                 "error_type": None,
                 "error": None,
+                "span_id": "53995c3f42cd8ad8",
             },
             {
                 "label": "repeat after 2s",
@@ -485,6 +502,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": False,
                 "error_type": None,
                 "error": None,
+                "span_id": "b7ad6b7169203331",
             },
             {
                 "label": "repeat after 5s",
@@ -503,6 +521,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": None,
                 "error_type": "rate_limit",
                 "error": "429 Too Many Requests",
+                "span_id": "e457b5a2e4d86bd1",
             },
         ],
         "sizes": {
@@ -549,7 +568,9 @@ async def test_api_runs_defaults_and_filters() -> None:
             params={"provider": "venice", "model": "llama-3.3-70b", "probe": "ttl", "limit": "2"},
         )
         # Grafana's "All" sends empty values: they mean "no filter".
-        empty = await client.get("/api/runs?provider=&model=&probe=&limit=")
+        empty = await client.get("/api/runs?provider=&model=&probe=&trace_id=&limit=")
+        # A trace id as a tracing UI shows it, in either case: the run it belongs to.
+        traced = await client.get("/api/runs?trace_id=4BF92F3577B34DA6A3CE929D0E0E4736")
     assert plain.status_code == 200
     assert plain.headers["content-type"] == "application/json"
     assert [r["run_id"] for r in plain.json()["runs"]] == ["r2", "r1"]
@@ -559,7 +580,15 @@ async def test_api_runs_defaults_and_filters() -> None:
         {"provider": None, "model": None, "probe": None, "limit": 50},
         {"provider": "venice", "model": "llama-3.3-70b", "probe": "ttl", "limit": 2},
         {"provider": None, "model": None, "probe": None, "limit": 50},
+        {
+            "provider": None,
+            "model": None,
+            "probe": None,
+            "limit": 50,
+            "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        },
     ]
+    assert traced.status_code == 200
 
 
 @pytest.mark.anyio
@@ -571,6 +600,7 @@ async def test_api_runs_never_returns_more_than_limit() -> None:
 
 
 NAME_RULE = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
+TRACE_RULE = "must be 32 hexadecimal digits (a W3C trace id)"
 
 
 @pytest.mark.parametrize(
@@ -595,8 +625,13 @@ NAME_RULE = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
         ("model=caf%C3%A9", f"model: {NAME_RULE}"),
         ("model=a%22b", f"model: {NAME_RULE}"),
         ("url=http://example.com", 'unknown query parameter "url" (allowed: provider, model, '
-         "probe, limit)"),
-        ("%3Cx%3E=1", "unknown query parameter (allowed: provider, model, probe, limit)"),
+         "probe, trace_id, limit)"),
+        ("%3Cx%3E=1", "unknown query parameter (allowed: provider, model, probe, trace_id, "
+         "limit)"),
+        ("trace_id=4bf92f3577b34da6a3ce929d0e0e473", f"trace_id: {TRACE_RULE}"),  # 31 digits
+        ("trace_id=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+         f"trace_id: {TRACE_RULE}"),  # a whole traceparent
+        ("trace_id=4bf92f3577b34da6a3ce929d0e0e473g", f"trace_id: {TRACE_RULE}"),
         ("limit=1&limit=2", "limit: given more than once"),
         ("provider=a&provider=b", "provider: given more than once"),
     ],
@@ -755,6 +790,39 @@ async def test_reload_not_configured_is_404() -> None:
 
 
 # --- the rest ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_landing_page_shows_what_is_probed() -> None:
+    state = State()
+    state.configure_provider("sim", probes=("basic", "ttl"), intervals={"basic": 30, "ttl": 300})
+    state.set_models("sim", ["sim-cache-ok", "sim-error", "sim-<b>"], {})
+    state.observe_result(result("r1", provider="sim", model="sim-cache-ok", finished_at=START))
+    failed = result("r2", provider="sim", model="sim-error", finished_at=START)
+    failed.verdict, failed.error_type = Verdict.ERROR, ErrorType.API_ERROR
+    state.observe_result(failed)
+    registry = build_registry(ExporterCollector(state, now=lambda: START))
+    async with running(make_app(registry=registry)) as client:
+        page = (await client.get("/")).text
+    assert "What is probed (3 models)" in page
+    rows = {
+        row.split("</td>")[1].removeprefix("<td>"): row
+        for row in page.split("<tr>")
+        if row.startswith("<td>sim</td>")
+    }
+    assert sorted(rows) == ["sim-&lt;b&gt;", "sim-cache-ok", "sim-error"]  # escaped
+    assert "<td>caching works</td>" in rows["sim-cache-ok"]
+    assert "<td>failed</td>" in rows["sim-error"]
+    assert rows["sim-cache-ok"].count("<td>not run yet</td>") == 1  # ttl
+    assert rows["sim-cache-ok"].count("<td>-</td>") == 3  # probes not configured for sim
+    assert 'href="api/runs?provider=sim&amp;model=sim-error&amp;limit=10"' in rows["sim-error"]
+
+
+@pytest.mark.anyio
+async def test_landing_page_before_anything_is_probed() -> None:
+    async with running(make_app()) as client:
+        page = (await client.get("/")).text
+    assert "Nothing probed yet" in page
 
 
 @pytest.mark.anyio

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from exporter.proxy.collector import TrafficCollector
 from exporter.proxy.forward import ProxyApp, ProxyLimits
-from exporter.proxy.listeners import ProxyHandle, serve_proxies, serve_proxy
+from exporter.proxy.listeners import ProxyHandle, ProxyListenError, serve_proxies, serve_proxy
 from exporter.proxy.traffic import TrafficState
 
 __all__ = [
     "ProxyApp",
     "ProxyHandle",
     "ProxyLimits",
+    "ProxyListenError",
     "TrafficCollector",
     "TrafficState",
     "serve_proxies",

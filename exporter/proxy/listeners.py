@@ -24,6 +24,7 @@ from exporter.asgi import BoundAddress, serve_asgi
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, ProviderConfig
 from exporter.config.proxies import ProxyConfig
+from exporter.exits import listen_error
 from exporter.providers import adapter_class
 from exporter.proxy.collector import TrafficCollector
 from exporter.proxy.forward import ProxyApp, ProxyLimits, StreamAborted
@@ -131,6 +132,21 @@ def build_app(
     )
 
 
+class ProxyListenError(Exception):
+    """A proxy listener could not bind its address; the message is one line for the user."""
+
+    @classmethod
+    def find(cls, exc: BaseException) -> ProxyListenError | None:
+        """This error, itself or inside (nested) exception groups."""
+        if isinstance(exc, cls):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                if (found := cls.find(inner)) is not None:
+                    return found
+        return None
+
+
 @contextlib.asynccontextmanager
 async def serve_proxy(
     proxy: ProxyConfig,
@@ -148,10 +164,21 @@ async def serve_proxy(
         app = build_app(
             proxy, state=state, client=client, shared=shared, clock=clock, hasher=hasher
         )
-        # date_header=False: the Date the client sees is the upstream's, not a second one.
-        async with serve_asgi(
-            app, host=proxy.host, port=proxy.port, graceful_timeout=grace, date_header=False
-        ) as address:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                # date_header=False: the Date the client sees is the upstream's, not a second.
+                address = await stack.enter_async_context(
+                    serve_asgi(
+                        app,
+                        host=proxy.host,
+                        port=proxy.port,
+                        graceful_timeout=grace,
+                        date_header=False,
+                    )
+                )
+            except OSError as exc:
+                where = listen_error(proxy.host, proxy.port, exc)
+                raise ProxyListenError(f"proxies.{proxy.name}.listen: {where}") from None
             log.info("proxy %s on %s forwards to %s", proxy.name, address.url, proxy.upstream)
             yield ProxyHandle(proxy.name, proxy.provider, address, app)
 
