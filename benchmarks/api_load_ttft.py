@@ -93,7 +93,8 @@ def warm_ttft(
 
     def read() -> tuple[float, float]:
         scraped = exporter.scrape()
-        labels = {"provider": "bench", "model": "m0000", "cache": "hit"}
+        # One model (m0000): the provider's TTFT histogram is that model's.
+        labels = {"provider": "bench", "cache": "hit"}
         total = value(scraped, "llmcache_time_to_first_token_seconds_sum", **labels) or 0.0
         count = value(scraped, "llmcache_time_to_first_token_seconds_count", **labels) or 0.0
         return total, count

@@ -1,12 +1,16 @@
-"""Scrape cost with 500 models × all five probes.
+"""Scrape cost with 500 models × all five probes, beside its floor.
 
 Fills the exporter's in-memory state as a day of probing would (every probe for every model,
-with request histograms, TTL and size results), then measures:
+TTL and size results, request timings), serves it with the real app on 127.0.0.1 and
+measures, median of --rounds each:
 
-* the time to render /metrics (collector snapshot + exposition), median of --rounds;
-* the same samples held in plain prometheus-client Gauges, rendered with generate_latest()
-  in the same run: the ratio is the collector's overhead (target <= 1.2);
-* a full HTTP scrape of the real app on 127.0.0.1 (median), and the exposition size.
+* the HTTP scrape of /metrics (identity encoding), and the same bytes served as a fixed
+  string by the same server stack (the static floor): their ratio is what the exporter adds
+  to sending bytes (target <= 3);
+* the same with gzip (Accept-Encoding: gzip, as Prometheus asks);
+* the scrape right after one model's probe result changed (the re-render of that model);
+* series per model and per provider, and the resident memory of this process (state,
+  prepared exposition, server and client together).
 
 Bounded by --models and --rounds; loopback only.
 """
@@ -14,15 +18,22 @@ Bounded by --models and --rounds; loopback only.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import httpx
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from exporter.metrics import ExporterCollector, build_registry
+from exporter.exposition import Exposition
+from exporter.memtrim import configure_allocator
+from exporter.metrics import build_registry
 from exporter.pricing import resolve_price
 from exporter.probes import PROBE_NAMES
 from exporter.results import ModelPrice, ProbeResult, RequestRecord, SizeOutcome, Verdict
@@ -30,106 +41,76 @@ from exporter.server import Readiness, create_app, serve
 from exporter.state import State
 
 NOW = 1_700_000_000.0
+PROVIDER = "bench"
+
+
+def _requests(i: int) -> list[RequestRecord]:
+    return [
+        RequestRecord(
+            "prime",
+            True,
+            attempts=1,
+            status=200,
+            prompt_tokens=1100,
+            cached_tokens=0,
+            completion_tokens=5,
+            latency_seconds=0.4,
+            ttft_seconds=0.3,
+            hit=False,
+        ),
+        RequestRecord(
+            "repeat",
+            False,
+            attempts=1,
+            status=200,
+            prompt_tokens=1100,
+            cached_tokens=1024,
+            completion_tokens=5,
+            latency_seconds=0.2,
+            ttft_seconds=0.1 + (i % 7) / 100,
+            hit=True,
+        ),
+    ]
+
+
+def result(name: str, probe: str, i: int, finished: float = NOW) -> ProbeResult:
+    out = ProbeResult(
+        probe=probe,
+        provider=PROVIDER,
+        model=name,
+        run_id=f"{name}-{probe}-{finished}",
+        verdict=Verdict.WORKS,
+        started_at=finished - 3,
+        finished_at=finished,
+        duration_seconds=3.0,
+        hit_ratio=0.93,
+        requests=_requests(i),
+    )
+    if probe == "prompt_sizes":
+        out.sizes = {
+            s: SizeOutcome(t, Verdict.WORKS, 0.95, t)
+            for s, t in (("small", 1100), ("medium", 2000), ("large", 4000), ("xlarge", 8000))
+        }
+    if probe == "ttl":
+        out.ttl = {1.0: True, 5.0: True, 10.0: True, 30.0: False}
+    return out
 
 
 def populated_state(models: int) -> State:
     state = State()
     state.configure_provider(
-        "bench", probes=PROBE_NAMES, intervals=dict.fromkeys(PROBE_NAMES, 300.0)
+        PROVIDER, probes=PROBE_NAMES, intervals=dict.fromkeys(PROBE_NAMES, 300.0)
     )
     names = [f"model-{i:04d}" for i in range(models)]
     price = resolve_price(ModelPrice(1.0, 4.0, 0.1), None)
-    state.set_models("bench", names, dict.fromkeys(names, price))
+    state.set_models(PROVIDER, names, dict.fromkeys(names, price))
     for i, name in enumerate(names):
         for probe in PROBE_NAMES:
-            requests = [
-                RequestRecord(
-                    "prime",
-                    True,
-                    attempts=1,
-                    status=200,
-                    prompt_tokens=1100,
-                    cached_tokens=0,
-                    completion_tokens=5,
-                    latency_seconds=0.4,
-                    ttft_seconds=0.3,
-                    hit=False,
-                ),
-                RequestRecord(
-                    "repeat",
-                    False,
-                    attempts=1,
-                    status=200,
-                    prompt_tokens=1100,
-                    cached_tokens=1024,
-                    completion_tokens=5,
-                    latency_seconds=0.2,
-                    ttft_seconds=0.1 + (i % 7) / 100,
-                    hit=True,
-                ),
-            ]
-            result = ProbeResult(
-                probe=probe,
-                provider="bench",
-                model=name,
-                run_id=f"{name}-{probe}",
-                verdict=Verdict.WORKS,
-                started_at=NOW - 3,
-                finished_at=NOW,
-                duration_seconds=3.0,
-                hit_ratio=0.93,
-                requests=requests,
-            )
-            if probe == "prompt_sizes":
-                result.sizes = {
-                    s: SizeOutcome(t, Verdict.WORKS, 0.95, t)
-                    for s, t in (
-                        ("small", 1100),
-                        ("medium", 2000),
-                        ("large", 4000),
-                        ("xlarge", 8000),
-                    )
-                }
-            if probe == "ttl":
-                result.ttl = {1.0: True, 5.0: True, 10.0: True, 30.0: False}
-            if probe == "persistence":
-                result.first_miss_index = None
-            state.observe_result(result)
-        state.set_reliability("bench", name, 97.5)
-        state.record_failures("bench", name, 0, 0.0)
-    state.set_balance("bench", "usd", 12.5)
+            state.observe_result(result(name, probe, i))
+        state.set_reliability(PROVIDER, name, 97.5)
+        state.record_failures(PROVIDER, name, 0, 0.0)
+    state.set_balance(PROVIDER, "usd", 12.5)
     return state
-
-
-def plain_gauges(text: str) -> CollectorRegistry:
-    """The same samples as plain Gauges, one per sample name."""
-    registry = CollectorRegistry()
-    gauges: dict[str, Gauge] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            gauge = gauges.get(sample.name)
-            if gauge is None:
-                gauge = Gauge(
-                    sample.name,
-                    family.documentation or "x",
-                    labelnames=sorted(sample.labels),
-                    registry=registry,
-                )
-                gauges[sample.name] = gauge
-            if sample.labels:
-                gauge.labels(**sample.labels).set(sample.value)
-            else:
-                gauge.set(sample.value)
-    return registry
-
-
-def timed(fn: object, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class _NoRuns:
@@ -137,50 +118,126 @@ class _NoRuns:
         return []
 
 
-async def http_scrape(registry: CollectorRegistry, rounds: int) -> tuple[float, int]:
+def static_app(body: bytes, headers: dict[str, str]) -> Starlette:
+    """The floor: the same bytes as a fixed string, same Starlette and uvicorn stack."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(body, headers=headers)
+
+    return Starlette(routes=[Route("/metrics", metrics)])
+
+
+async def median_get(
+    url: str, rounds: int, headers: dict[str, str], between: Callable[[], None] | None = None
+) -> tuple[float, bytes, httpx.Headers]:
+    """Median time of GET ``url``; the last answer's raw (undecoded) body and headers."""
+    times = []
+    raw = b""
+    got = httpx.Headers()
+    # Raw bytes: the client does not decompress, so the time is the server's and the wire's.
+    async with httpx.AsyncClient(timeout=60) as client:
+        await client.get(url, headers=headers)  # warm the connection
+        for _ in range(rounds):
+            if between is not None:
+                between()
+            start = time.perf_counter()
+            async with client.stream("GET", url, headers=headers) as streamed:
+                raw = b"".join([chunk async for chunk in streamed.aiter_raw()])
+            times.append(time.perf_counter() - start)
+            got = streamed.headers
+    return statistics.median(times), raw, got
+
+
+async def serve_and(app: Starlette, run: Callable[[str], Awaitable[None]]) -> None:
+    async with serve(app, host="127.0.0.1", port=0) as address:
+        await run(address.url + "/metrics")
+
+
+def rss_mb() -> tuple[float, float]:
+    status = Path("/proc/self/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def series_counts(text: str, models: int) -> tuple[float, int]:
+    per_model = per_provider = 0
+    for line in text.splitlines():
+        if not line.startswith("llmcache_"):
+            continue
+        if re.search(r'[{,]model="', line):
+            per_model += 1
+        else:
+            per_provider += 1
+    return per_model / models, per_provider
+
+
+async def measure(models: int, rounds: int) -> None:
+    build = time.perf_counter()
+    state = populated_state(models)
+    exposition = Exposition(state, now=lambda: NOW)
     app = create_app(
-        registry=registry,
+        registry=build_registry(),
         runs=_NoRuns(),
         readiness=lambda: Readiness(True),
         reload=None,
         web_config=None,
         probe_names=PROBE_NAMES,
         version="bench",
+        exposition=exposition,
     )
-    times = []
-    size = 0
-    async with serve(app, host="127.0.0.1", port=0) as address, httpx.AsyncClient() as client:
-        for _ in range(rounds):
-            start = time.perf_counter()
-            response = await client.get(address.url + "/metrics")
-            times.append(time.perf_counter() - start)
-            size = len(response.content)
-    return statistics.median(times), size
+    identity = {"Accept-Encoding": "identity"}
+    gzipped = {"Accept-Encoding": "gzip"}
+    figures: dict[str, float] = {}
+    kept: dict[str, tuple[bytes, httpx.Headers]] = {}
+    changed = iter(range(1, 1_000_000))
 
+    def change_one_model() -> None:
+        n = next(changed)
+        state.observe_result(result(f"model-{n % models:04d}", "basic", n, NOW + n))
 
-def main(models: int, rounds: int) -> None:
-    build_start = time.perf_counter()
-    state = populated_state(models)
-    registry = build_registry(ExporterCollector(state, now=lambda: NOW))
-    text = generate_latest(registry).decode()
-    series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
-    llm_series = sum(1 for line in text.splitlines() if line.startswith("llmcache_"))
-    plain = plain_gauges(text)
+    async def scrapes(url: str) -> None:
+        figures["scrape"], *kept["identity"] = await median_get(url, rounds, identity)
+        figures["gzip"], *kept["gzip"] = await median_get(url, rounds, gzipped)
+        figures["changed"], *_ = await median_get(url, rounds, gzipped, change_one_model)
+
+    await serve_and(app, scrapes)
+    body, headers = kept["identity"]
+    gz_body, _ = kept["gzip"]
+    per_model, per_provider = series_counts(body.decode(), models)
     print(
-        f"models: {models}, series: {series} ({llm_series} llmcache_), "
-        f"exposition: {len(text.encode()) / 1024:.0f} KiB, "
-        f"set-up {time.perf_counter() - build_start:.1f}s"
+        f"models: {models}, exposition {len(body) / 2**20:.2f} MiB "
+        f"({len(gz_body) / 1024:.0f} KiB gzip), set-up "
+        f"{time.perf_counter() - build:.1f}s"
     )
-    ours, theirs = [], []
-    for _ in range(rounds):  # alternate, so machine noise hits both alike
-        ours.append(timed(lambda: generate_latest(registry), 1))
-        theirs.append(timed(lambda: generate_latest(plain), 1))
-    o, t = statistics.median(ours), statistics.median(theirs)
-    print(f"render, exporter collector : {o * 1000:7.1f} ms (median of {rounds})")
-    print(f"render, plain Gauges       : {t * 1000:7.1f} ms (median of {rounds})")
-    print(f"ratio collector/plain      : {o / t:.3f} (target <= 1.2)")
-    http, size = anyio.run(http_scrape, registry, rounds)
-    print(f"HTTP scrape of /metrics    : {http * 1000:7.1f} ms (median), {size / 1024:.0f} KiB")
+
+    async def floor(url: str) -> None:
+        figures["floor"], *_ = await median_get(url, rounds, identity)
+
+    async def gzip_floor(url: str) -> None:
+        figures["gzip_floor"], *_ = await median_get(url, rounds, gzipped)
+
+    plain_headers = {"Content-Type": headers["content-type"]}
+    await serve_and(static_app(body, plain_headers), floor)
+    gzip_headers = {**plain_headers, "Content-Encoding": "gzip"}
+    await serve_and(static_app(gz_body, gzip_headers), gzip_floor)
+    rss, peak = rss_mb()
+    print(
+        f"HTTP scrape of /metrics         : {figures['scrape'] * 1000:7.2f} ms (median of {rounds})"
+    )
+    print(f"static floor (same bytes)       : {figures['floor'] * 1000:7.2f} ms")
+    print(f"scrape/static-floor ratio: {figures['scrape'] / figures['floor']:.2f} (target <= 3)")
+    print(f"HTTP scrape, gzip               : {figures['gzip'] * 1000:7.2f} ms")
+    print(f"static floor, gzip              : {figures['gzip_floor'] * 1000:7.2f} ms")
+    print(f"gzip scrape/static-floor ratio: {figures['gzip'] / figures['gzip_floor']:.2f}")
+    print(
+        f"gzip scrape after one model changed: {figures['changed'] * 1000:7.2f} ms "
+        "(that model re-rendered, the whole exposition re-joined and re-compressed)"
+    )
+    print(f"series per model: {per_model:g}")
+    print(f"series per provider (beside its models): {per_provider}")
+    print(
+        f"RSS of this process: {rss:.1f} MB (peak {peak:.1f} MB; state, exposition, server, client)"
+    )
 
 
 if __name__ == "__main__":
@@ -188,4 +245,5 @@ if __name__ == "__main__":
     parser.add_argument("--models", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    main(args.models, args.rounds)
+    configure_allocator()  # as the daemon does
+    anyio.run(measure, args.models, args.rounds)

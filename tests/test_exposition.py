@@ -27,13 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter import memtrim
 from exporter.budget import BudgetSnapshot, BudgetUsage
 from exporter.exposition import Exposition, Refresher, gzip_parts
-from exporter.hits import HitRule
 from exporter.memtrim import release_free_pages
 from exporter.metrics import ExporterCollector
 from exporter.pricing import resolve_price
-from exporter.results import ErrorType, ModelPrice, ProbeResult, RequestRecord, SizeOutcome, Verdict
+from exporter.results import ErrorType, ModelPrice, ProbeResult, SizeOutcome, Verdict
 from exporter.server import Readiness, create_app, serve
 from exporter.state import State
+from tests.test_metrics import record
 
 T0 = 1_700_000_000.0
 PROBES = ("basic", "prompt_sizes", "partial", "persistence", "ttl")
@@ -52,32 +52,6 @@ class Clock:
         return self.now
 
 
-def request(
-    label: str,
-    *,
-    cold: bool,
-    cached: int | None = 0,
-    ok: bool = True,
-    ttft: float | None = 0.2,
-    error: ErrorType = ErrorType.API_ERROR,
-) -> RequestRecord:
-    r = RequestRecord(
-        label=label,
-        cold=cold,
-        attempts=1,
-        status=200 if ok else 500,
-        latency_seconds=0.4,
-        ttft_seconds=ttft,
-        completion_tokens=3,
-    )
-    if ok:
-        r.prompt_tokens, r.cached_tokens = 2000, cached
-        r.hit = None if cached is None else HitRule(0).is_hit(cached, 2000)
-    else:
-        r.error_type, r.error = error, "HTTP 500"
-    return r
-
-
 def run(
     model: str, probe: str, k: int, *, provider: str = "p", verdict: Verdict = Verdict.WORKS
 ) -> ProbeResult:
@@ -93,8 +67,8 @@ def run(
         duration_seconds=1.0 + k % 5,
         hit_ratio=k / 1000,
         requests=[
-            request("prime", cold=True, ttft=0.5 + k / 1000),
-            request("repeat", cold=False, cached=1990 if verdict is Verdict.WORKS else 0),
+            record("prime", cold=True, ttft=0.5 + k / 1000),
+            record("repeat", cold=False, cached=1990 if verdict is Verdict.WORKS else 0),
         ],
     )
     if probe == "prompt_sizes":
@@ -122,15 +96,15 @@ def rich_state(*, per_model_histograms: bool = False) -> State:
         state.observe_result(run(odd, probe, k, verdict=Verdict.BROKEN))
     failing = run("m2", "basic", 7, verdict=Verdict.ERROR)
     failing.requests = [
-        request("prime", cold=True, ok=False, error=ErrorType.TIMEOUT),
-        request("prime", cold=True, ok=False, error=ErrorType.RATE_LIMIT),
+        record("prime", cold=True, ok=False, error=ErrorType.TIMEOUT),
+        record("prime", cold=True, ok=False, error=ErrorType.RATE_LIMIT),
     ]
     state.observe_result(failing)
     state.record_failures("p", "m2", 5, T0 + 900)
     polluted = run("n1", "basic", 3, provider="q")
     polluted.pollution = True
     polluted.requests[0].cache_write_tokens = 1500
-    polluted.requests.append(request("unreported", cold=False, cached=None, ttft=None))
+    polluted.requests.append(record("unreported", cold=False, cached=None, ttft=None))
     state.observe_result(polluted)
     state.set_reliability("p", "m1", 88.5)
     state.set_balance("p", "usd", 3.25)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -51,7 +53,8 @@ def record(
     prompt: int = 2000,
     cached: int | None = 0,
     ok: bool = True,
-    ttft: float = 0.2,
+    ttft: float | None = 0.2,
+    error: ErrorType = ErrorType.API_ERROR,
 ) -> RequestRecord:
     r = RequestRecord(
         label=label,
@@ -67,8 +70,24 @@ def record(
         r.baseline_tokens = None if cached is None else 0
         r.hit = HitRule(0).is_hit(cached, prompt)
     else:
-        r.error_type, r.error = ErrorType.API_ERROR, "HTTP 500"
+        r.error_type, r.error = error, "HTTP 500"
     return r
+
+
+def result(
+    probe: str, verdict: Verdict = Verdict.WORKS, *, model: str = "m", **fields: Any
+) -> ProbeResult:
+    """A run of ``probe`` for provider p that finished at NOW."""
+    return ProbeResult(
+        probe=probe,
+        provider="p",
+        model=model,
+        run_id=f"{model}-{probe}",
+        verdict=verdict,
+        started_at=NOW,
+        finished_at=NOW,
+        **fields,
+    )
 
 
 def test_series_exist_from_start_up() -> None:
@@ -316,31 +335,11 @@ def test_openmetrics_rendering_is_valid() -> None:
 
 def test_rare_events_appear_with_the_first_one() -> None:
     state = configured()
-    state.observe_result(
-        ProbeResult(
-            probe="basic",
-            provider="p",
-            model="m",
-            run_id="skip",
-            verdict=Verdict.SKIPPED,
-            started_at=NOW,
-            finished_at=NOW,
-        )
-    )
+    state.observe_result(result("basic", Verdict.SKIPPED))
     write = record("prime", cold=True)
     write.cache_write_tokens = 1800
-    polluted = ProbeResult(
-        probe="basic",
-        provider="p",
-        model="m",
-        run_id="w",
-        verdict=Verdict.WORKS,
-        started_at=NOW,
-        finished_at=NOW,
-        pollution=True,
-        requests=[write, record("repeat", cold=False, cached=1920)],
-    )
-    state.observe_result(polluted)
+    repeat = record("repeat", cold=False, cached=1920)
+    state.observe_result(result("basic", pollution=True, requests=[write, repeat]))
     s = samples(state)
     assert get(s, "llmcache_probe_runs_total", provider="p", model="m", outcome="skipped") == 1
     assert get(s, "llmcache_cache_write_tokens_total", provider="p", model="m") == 1800
@@ -363,18 +362,8 @@ def test_per_model_histograms_switch() -> None:
     state = State(per_model_histograms=True)
     state.configure_provider("p", probes=("basic",), intervals={"basic": 300.0})
     state.set_models("p", ["m"], {})
-    state.observe_result(
-        ProbeResult(
-            probe="basic",
-            provider="p",
-            model="m",
-            run_id="r",
-            verdict=Verdict.WORKS,
-            started_at=NOW,
-            finished_at=NOW,
-            requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
-        )
-    )
+    requests = [record("prime", cold=True), record("repeat", cold=False, cached=1920)]
+    state.observe_result(result("basic", requests=requests))
     s = samples(state)
     name = "llmcache_time_to_first_token_seconds_count"
     assert get(s, name, provider="p", model="m", cache="hit") == 1
@@ -396,19 +385,14 @@ def full_state(models: int) -> State:
     state.set_models("p", names, dict.fromkeys(names, price))
     for name in names:
         for probe in probes:
-            result = ProbeResult(
-                probe=probe,
-                provider="p",
+            run = result(
+                probe,
                 model=name,
-                run_id=f"{name}-{probe}",
-                verdict=Verdict.WORKS,
-                started_at=NOW,
-                finished_at=NOW,
                 hit_ratio=0.9,
                 requests=[record("prime", cold=True), record("repeat", cold=False, cached=1920)],
             )
             if probe == "prompt_sizes":
-                result.sizes = {
+                run.sizes = {
                     n: SizeOutcome(t, Verdict.WORKS, 0.9, t)
                     for n, t in (
                         ("small", 1100),
@@ -418,10 +402,8 @@ def full_state(models: int) -> State:
                     )
                 }
             if probe == "ttl":
-                result.ttl = {1.0: True, 5.0: True, 10.0: True, 30.0: False}
-            if probe == "persistence":
-                result.first_miss_index = None
-            state.observe_result(result)
+                run.ttl = {1.0: True, 5.0: True, 10.0: True, 30.0: False}
+            state.observe_result(run)
         state.set_reliability("p", name, 90.0)
     return state
 

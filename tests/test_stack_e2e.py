@@ -8,7 +8,7 @@ Prometheus' HTTP API, and every panel query returns data for the demo (or is on 
 docs/dashboards.md). Halfway through, the simulator stops caching for sim-cache-write, a
 model that cached reliably until then, and the webhook must receive exactly the expected
 alerts by severity: the page for that model, warnings for the model that never cached, the
-flaky one and the two that keep failing, the heartbeat, and nothing else. promtool,
+flaky one and the one that keeps failing, the heartbeat, and nothing else. promtool,
 prometheus and alertmanager are required: a missing binary fails the test.
 """
 
@@ -61,11 +61,14 @@ EXPECTED_ALERTS = {
     ("/warning", "LLMCacheCachingNeverWorked", "sim-cache-evicting"),
     # Hits about half the time: the hit-rate objective burns.
     ("/warning", "LLMCacheWarmHitRateBudgetBurn", "sim-cache-flaky"),
-    # Every run fails: one alert each, which inhibits the other failure alerts.
+    # Every run fails: one alert, which inhibits the other failure alerts.
     ("/warning", "LLMCacheModelCooldown", "sim-error"),
-    ("/warning", "LLMCacheModelCooldown", "sim-ratelimited"),
     ("/heartbeat", "Watchdog", "-"),
 }
+# Fails only some of its runs since the simulator's 429 rate became a third of the requests
+# (with retries a run fails now and then): which failure alerts it reaches is chance, so its
+# alerts are not compared; sim-error is the model that fails every run.
+UNCOMPARED_MODELS = frozenset({"sim-ratelimited"})
 # Alerts that must fire in Prometheus for the failing models but reach nobody: the
 # cooldown alert of the same model inhibits them.
 INHIBITED = ("LLMCacheProbeFailuresRepeated", "LLMCacheProbeErrorBudgetBurn")
@@ -105,7 +108,7 @@ class Webhook:
         return {
             (path, a["labels"].get("alertname", ""), a["labels"].get("model", "-"))
             for path, a in self.alerts()
-            if a["status"] == "firing"
+            if a["status"] == "firing" and a["labels"].get("model") not in UNCOMPARED_MODELS
         }
 
 
@@ -335,12 +338,20 @@ def test_every_rule_expression_evaluates(stack: Stack) -> None:
     assert not failures, failures
 
 
+def traffic_rules() -> set[str]:
+    """Rules and series of proxied traffic: the demo runs no proxy, so they have no data
+    here (prometheus/tests/traffic_test.yml and tests/test_proxy*.py cover them); their
+    expressions are still evaluated above."""
+    rules = {g["name"]: g for g in pl.load_yaml(pl.TRAFFIC_RULES)["groups"]}
+    return {r.get("record") or r["alert"] for g in rules.values() for r in g["rules"]}
+
+
 def test_recording_rules_produce_series(stack: Stack) -> None:
     # Every recording rule has data (the long-window group evaluates once a minute, so its
     # first results take up to a minute to appear). Ratios divide by "> 0" denominators and
     # need traffic in their window, which the demo has; the streak rules need a model
     # without hits (sim-cache-broken).
-    records = [rule["record"] for rule in pl.recording_rules()]
+    records = [r["record"] for r in pl.recording_rules() if r["record"] not in traffic_rules()]
 
     def empty() -> list[str]:
         return [r for r in records if stack.value(f"count({r})") is None]
@@ -409,6 +420,13 @@ def test_every_metric_in_dashboards_and_rules_exists_in_a_real_scrape(stack: Sta
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+    # Series created on first use (docs/metrics.md) have their family's TYPE line from
+    # start-up: a name there is exposed, a misspelt one is not.
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+            exposed.update(name + suffix for suffix in suffixes)
     recorded = {rule["record"] for rule in pl.recording_rules()}
     exprs = [q.expr for q in pl.dashboard_queries()]
     exprs += [expr for _, expr in pl.rule_exprs()]
@@ -419,7 +437,8 @@ def test_every_metric_in_dashboards_and_rules_exists_in_a_real_scrape(stack: Sta
     absent = sorted(n for n in own if stack.value(f"count({n})") is None)
     assert not absent, absent
     missing = sorted(used - exposed - recorded - own - {"up", "ALERTS", "ALERTS_FOR_STATE"})
-    missing = [n for n in missing if not n.startswith("scrape_")]
+    # No proxy in the demo: the llmcache_traffic_ families exist only where one is configured.
+    missing = [n for n in missing if not n.startswith(("scrape_", "llmcache_traffic_"))]
     assert not missing, missing
 
 
@@ -448,11 +467,12 @@ def test_alertmanager_receives_exactly_the_expected_alerts(stack: Stack) -> None
     flapped = sorted(
         (a["labels"]["alertname"], a["labels"].get("model"))
         for _, a in hook.alerts()
-        if a["status"] == "resolved" and a["labels"]["alertname"] in NEVER_RESOLVED
+        if a["status"] == "resolved"
+        and a["labels"]["alertname"] in NEVER_RESOLVED
+        and a["labels"].get("model") not in UNCOMPARED_MODELS
     )
     assert not flapped, flapped
     # The failing models' other alerts fire in Prometheus, and reach nobody.
     for name in INHIBITED:
-        for model in ("sim-error", "sim-ratelimited"):
-            firing = f'ALERTS{{alertname="{name}",model="{model}",alertstate="firing"}}'
-            assert stack.value(firing) is not None, (name, model)
+        firing = f'ALERTS{{alertname="{name}",model="sim-error",alertstate="firing"}}'
+        assert stack.value(firing) is not None, name
