@@ -172,6 +172,7 @@ def series_counts(text: str, models: int) -> tuple[float, int]:
 
 
 async def measure(models: int, rounds: int) -> None:
+    floor_rss, _ = rss_mb()  # the interpreter and its libraries, before any model
     build = time.perf_counter()
     state = populated_state(models)
     exposition = Exposition(state, now=lambda: NOW)
@@ -236,7 +237,9 @@ async def measure(models: int, rounds: int) -> None:
     print(f"series per model: {per_model:g}")
     print(f"series per provider (beside its models): {per_provider}")
     print(
-        f"RSS of this process: {rss:.1f} MB (peak {peak:.1f} MB; state, exposition, server, client)"
+        f"RSS of this process: {rss:.1f} MB (peak {peak:.1f} MB; state, exposition, server, "
+        f"client); floor {floor_rss:.1f} MB before any model, "
+        f"+{rss - floor_rss:.1f} MB for {models} models"
     )
 
 
