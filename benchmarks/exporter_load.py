@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.procstatus import rss_mb
 from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
 from tests.simulator_process import simulator
 
@@ -109,13 +110,6 @@ def _runs(db: Path) -> int:
         return 0
 
 
-def _rss(pid: int) -> tuple[float, float]:
-    """(resident, peak resident) in MB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
 def memory(tmp: Path, timeout: float) -> tuple[float, float, float, int]:
     models = 500
     sim_cfg = sim_models(tmp / "sim-memory.toml", models, 0.0)
@@ -133,7 +127,7 @@ def memory(tmp: Path, timeout: float) -> tuple[float, float, float, int]:
         exporter = ExporterProcess(cfg).start()
         assert exporter.proc is not None
         # Serving, before the models list is read: the interpreter and its libraries.
-        floor, _ = _rss(exporter.proc.pid)
+        floor, _ = rss_mb(exporter.proc.pid)
         try:
             # Prometheus scrapes every 15 s while the exporter probes all 500 models once.
             stop = threading.Event()
@@ -151,7 +145,7 @@ def memory(tmp: Path, timeout: float) -> tuple[float, float, float, int]:
             for _ in range(3):  # then a few scrapes of the complete state
                 series = len(exporter.scrape())
                 time.sleep(1.0)
-            rss, hwm = _rss(exporter.proc.pid)
+            rss, hwm = rss_mb(exporter.proc.pid)
         finally:
             exporter.kill()
     return rss, hwm, floor, series

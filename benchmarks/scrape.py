@@ -22,7 +22,6 @@ import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import anyio
 import httpx
@@ -31,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from benchmarks.procstatus import rss_mb
 from exporter.exposition import Exposition
 from exporter.memtrim import configure_allocator
 from exporter.metrics import build_registry
@@ -151,12 +151,6 @@ async def median_get(
 async def serve_and(app: Starlette, run: Callable[[str], Awaitable[None]]) -> None:
     async with serve(app, host="127.0.0.1", port=0) as address:
         await run(address.url + "/metrics")
-
-
-def rss_mb() -> tuple[float, float]:
-    status = Path("/proc/self/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def series_counts(text: str, models: int) -> tuple[float, int]:
