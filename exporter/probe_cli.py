@@ -155,20 +155,15 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
         ttl_delays=_parse_delays(args.ttl_delays),
         hit_threshold_tokens=args.hit_threshold_tokens,
     )
+    # The same models (and so the same rules and defaults) as a configured provider.
+    provider = target.provider(
+        args.provider_type,
+        min_cacheable_tokens=args.min_cacheable_tokens,
+        warmup_repeats=args.warmup_repeats,
+        stream=not args.no_stream,
+        max_tokens=args.max_tokens,
+    )
     try:
-        # The same models (and so the same rules and defaults) as a configured provider.
-        provider = ProviderConfig.model_validate(
-            {
-                "name": "probe",
-                "type": args.provider_type,
-                "base_url": target.base_url,
-                "api_key_env": target.key_var or "",
-                "min_cacheable_tokens": args.min_cacheable_tokens,
-                "warmup_repeats": args.warmup_repeats,
-                "stream": not args.no_stream,
-                "max_tokens": args.max_tokens,
-            }
-        )
         http = HttpConfig(
             attempts=args.attempts,
             backoff=duration_arg("backoff", args.backoff),
