@@ -66,6 +66,18 @@ def chat(model: str, **extra: Any) -> bytes:
 FAST_BODY = chat(FAST_MODEL)
 SIM_BODY = chat(SIM_MODEL)
 SIM_STREAM = chat(SIM_MODEL, stream=True, stream_options={"include_usage": True})
+# A model of the simulator's that streams 200 tokens back to back: what each SSE event costs.
+LONG_MODEL = "bench-long-stream"
+LONG_TOKENS = 200
+SIM_MODELS = f"""
+[[models]]
+name = "{LONG_MODEL}"
+output_tokens = {LONG_TOKENS}
+output_token_seconds = 0.0005
+"""
+LONG_STREAM = chat(
+    LONG_MODEL, max_tokens=LONG_TOKENS, stream=True, stream_options={"include_usage": True}
+)
 # Every target gets the same header; LiteLLM checks it (it refuses to start without a master
 # key), the upstreams and our proxy pass it on or ignore it.
 MASTER_KEY = "sk-bench-" + secrets.token_hex(24)
@@ -199,7 +211,7 @@ def litellm_proxy(binary: str, fast: str, sim: str) -> Iterator[Target]:
         return {"model_name": model, "litellm_params": params}
 
     config = {
-        "model_list": [route(FAST_MODEL, fast), route(SIM_MODEL, sim)],
+        "model_list": [route(FAST_MODEL, fast), route(SIM_MODEL, sim), route(LONG_MODEL, sim)],
         "litellm_settings": {"telemetry": False},
         "general_settings": {"master_key": MASTER_KEY},
     }
@@ -245,7 +257,9 @@ class Load:
 WRK = ("wrk", "-t1", "--timeout", "10s")  # one thread: the generator needs less than a core
 
 
-def wrk(target: Target, body: bytes, connections: int, seconds: int) -> Load:
+def wrk(
+    target: Target, body: bytes, connections: int, seconds: int, *, warm_up: bool = False
+) -> Load:
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_SCRIPT % {"key": MASTER_KEY, "body": body.decode()})
         script.flush()
@@ -260,17 +274,19 @@ def wrk(target: Target, body: bytes, connections: int, seconds: int) -> Load:
         cpu = cpu_seconds(target.pid) - before if target.pid else None
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     n, micros, broken, status, p50, p99 = (int(x) for x in line.split()[1:])
-    if broken or status or not n:
+    if not warm_up and (broken or status or not n):
         raise SystemExit(f"{target.url}: {broken} socket errors, {status} non-2xx of {n}")
-    return Load(n, micros / 1e6, p50 / 1e6, p99 / 1e6, cpu / n if cpu is not None else None)
+    per_request = cpu / n if cpu is not None and n else None
+    return Load(n, micros / 1e6, p50 / 1e6, p99 / 1e6, per_request)
 
 
 # -- TTFT: a lean client ------------------------------------------------------------------------
 
 
-async def ttfts(url: str, body: bytes, n: int) -> list[float]:
-    """Time to the first generated token of ``n`` streams, one after the other, on one
-    keep-alive connection (h11 frames the HTTP; nothing else runs per chunk)."""
+async def streams(url: str, body: bytes, n: int) -> list[tuple[float, int]]:
+    """Time to the first generated token and the number of events of ``n`` streams, one
+    after the other, on one keep-alive connection (h11 frames the HTTP; nothing else runs
+    per chunk)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     conn = h11.Connection(h11.CLIENT)
@@ -287,20 +303,22 @@ async def ttfts(url: str, body: bytes, n: int) -> list[float]:
                     + conn.send(h11.EndOfMessage())
                 )
                 first = None
+                events = 0
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         conn.receive_data(await reader.read(65536))
                     elif isinstance(event, h11.Response) and event.status_code != 200:
                         raise SystemExit(f"{url}: HTTP {event.status_code}")
-                    elif isinstance(event, h11.Data) and first is None:
-                        if FIRST_TOKEN.search(event.data):
+                    elif isinstance(event, h11.Data):
+                        events += event.data.count(b"\n\n")
+                        if first is None and FIRST_TOKEN.search(event.data):
                             first = time.perf_counter() - start
                     elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                         break
                 if first is None:
                     raise SystemExit(f"{url}: no token streamed")
-                out.append(first)
+                out.append((first, events))
                 conn.start_next_cycle()
     finally:
         writer.close()
@@ -316,24 +334,29 @@ class Figures:
     saturated: list[Load] = field(default_factory=list)  # fixed upstream, concurrency 32
     sim: list[Load] = field(default_factory=list)  # simulator, concurrency 32
     ttft: list[float] = field(default_factory=list)  # simulator, streamed
+    event_cpu: list[float] = field(default_factory=list)  # CPU seconds per SSE event
 
 
 def measure(
-    pairs: dict[str, tuple[Target, Target]], seconds: int, rounds: int, streams: int
+    pairs: dict[str, tuple[Target, Target]], seconds: int, rounds: int, count: int
 ) -> dict[str, Figures]:
     """``pairs``: name -> (in front of the fixed upstream, in front of the simulator)."""
     out = {name: Figures() for name in pairs}
     for fast, sim in pairs.values():  # warm-up: connections, imports, the simulator's cache
-        wrk(fast, FAST_BODY, CONCURRENCY, 1)
-        wrk(sim, SIM_BODY, CONCURRENCY, 1)
-        asyncio.run(ttfts(sim.url, SIM_STREAM, 3))
+        wrk(fast, FAST_BODY, CONCURRENCY, 2, warm_up=True)
+        wrk(sim, SIM_BODY, CONCURRENCY, 2, warm_up=True)
+        asyncio.run(streams(sim.url, SIM_STREAM, 3))
     for _ in range(rounds):
         for name, (fast, sim) in pairs.items():
             figures = out[name]
             figures.latency.append(wrk(fast, FAST_BODY, 1, seconds))
             figures.saturated.append(wrk(fast, FAST_BODY, CONCURRENCY, seconds))
             figures.sim.append(wrk(sim, SIM_BODY, CONCURRENCY, seconds))
-            figures.ttft += asyncio.run(ttfts(sim.url, SIM_STREAM, streams))
+            figures.ttft += [t for t, _ in asyncio.run(streams(sim.url, SIM_STREAM, count))]
+            if sim.pid is not None:
+                before = cpu_seconds(sim.pid)
+                events = sum(e for _, e in asyncio.run(streams(sim.url, LONG_STREAM, 5)))
+                figures.event_cpu.append((cpu_seconds(sim.pid) - before) / events)
     return out
 
 
@@ -368,6 +391,7 @@ def report(results: dict[str, Figures]) -> None:
         fast = median([x.rate for x in f.saturated])
         cpu1 = median([x.cpu for x in f.latency if x.cpu is not None])
         cpu32 = median([x.cpu for x in f.saturated if x.cpu is not None])
+        per_event = median(f.event_cpu)
         rows = [
             ("added latency p50", f"{p50 * 1e3:+.3f} ms", "<= 1 ms", p50 * 1e3 <= TARGETS["p50"]),
             ("added latency p99", f"{p99 * 1e3:+.3f} ms", "<= 5 ms", p99 * 1e3 <= TARGETS["p99"]),
@@ -391,6 +415,10 @@ def report(results: dict[str, Figures]) -> None:
             f"  {'CPU per request':34} {cpu1 * 1e3:.3f} ms sequential, {cpu32 * 1e3:.3f} ms at "
             f"concurrency {CONCURRENCY} ({fast:.0f} req/s from the fixed upstream, "
             f"{fast / dfast:.2f} of direct: CPU-bound, not a target)"
+        )
+        print(
+            f"  {'CPU per streamed event':34} {per_event * 1e6:.0f} µs ({LONG_TOKENS}-token "
+            "streams from the simulator: forwarded, framed, usage read)"
         )
 
 
@@ -422,8 +450,13 @@ def main() -> None:
     fast_url = f"http://127.0.0.1:{up_port}"
     with ExitStack() as stack:
         fast = stack.enter_context(process(me("upstream", "--port", str(up_port)), fast_url, b"{}"))
+        models = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".toml"))
+        models.write(SIM_MODELS)
+        models.flush()
         sim_process = stack.enter_context(
-            simulator("--latency-scale", "1", "--balance-usd", "1000000000")
+            simulator(
+                "--latency-scale", "1", "--balance-usd", "1000000000", "--config", models.name
+            )
         )
         sim = Target(sim_process.url)
         pairs = {
