@@ -114,18 +114,6 @@ async def test_a_prefixed_upstream_joins_its_path_before_the_request_path() -> N
     assert upstream_seen == [b"/api/v1/models"]
 
 
-async def test_a_target_naming_another_host_is_refused() -> None:
-    async with proxy_rig() as rig:
-        answer = await _raw_exchange(
-            rig.proxy.address.port,
-            b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n"
-            b"Connection: close\r\n\r\n",
-        )
-    assert answer.startswith(b"HTTP/1.1 400 ")
-    assert b"x-llmcache-proxy-error: bad_target" in answer
-    assert rig.recorder.seen == []
-
-
 async def _raw_exchange(port: int, request: bytes) -> bytes:
     stream = await anyio.connect_tcp("127.0.0.1", port)
     answer = b""
@@ -138,6 +126,18 @@ async def _raw_exchange(port: int, request: bytes) -> bytes:
             except anyio.EndOfStream:
                 pass
     return answer
+
+
+async def test_a_target_naming_another_host_is_refused() -> None:
+    async with proxy_rig() as rig:
+        answer = await _raw_exchange(
+            rig.proxy.address.port,
+            b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"x-llmcache-proxy-error: bad_target" in answer
+    assert rig.recorder.seen == []
 
 
 async def test_a_header_the_upstream_client_cannot_carry_unchanged_is_refused() -> None:
