@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from exporter.simulator.config import SimConfig
-from exporter.simulator.models import DEFAULT_MODELS, SimModel
+from exporter.simulator.models import DEFAULT_MODELS
+from tests.conftest import EVERY_4TH
 from tests.proxy_rig import ProxyRig, end_to_end, proxy_rig
 
 pytestmark = pytest.mark.anyio
@@ -26,8 +27,6 @@ pytestmark = pytest.mark.anyio
 KEY = "sk-proxy-test-key-0001"
 SYSTEM = "You are a careful assistant. " * 300  # ~1,500 simulator tokens: cacheable
 MODEL = "sim-cache-ok"
-# Its first request gets 429 with Retry-After (sim-ratelimited throttles a seeded share).
-EVERY_2ND = SimModel("sim-every-2nd", ratelimit_period=2, retry_after=1.0)
 PRICES = {MODEL: {"input": 1.0, "output": 4.0, "cache_read": 0.1}}
 
 
@@ -255,14 +254,17 @@ async def test_anthropic_sdk_json_and_stream_through_the_proxy() -> None:
     [
         ("no-such-model", 404, openai.NotFoundError),
         ("sim-error", 500, openai.InternalServerError),
-        (EVERY_2ND.name, 429, openai.RateLimitError),
+        ("sim-every-4th", 429, openai.RateLimitError),
     ],
 )
 async def test_upstream_errors_reach_the_sdk_unchanged(
     model: str, status: int, error: type[openai.APIStatusError]
 ) -> None:
-    config = SimConfig(latency_scale=0.0, models=(*DEFAULT_MODELS, EVERY_2ND))
-    async with proxy_rig(config) as rig, AsyncExitStack() as stack:
+    models = (*DEFAULT_MODELS, EVERY_4TH)
+    async with (
+        proxy_rig(SimConfig(latency_scale=0.0, models=models)) as rig,
+        AsyncExitStack() as stack,
+    ):
         client = await stack.enter_async_context(_openai(rig, Sent()))
         with pytest.raises(error) as caught:
             await client.chat.completions.create(model=model, messages=_messages())

@@ -58,8 +58,8 @@ def _upsert(table: str, columns: str, key: str) -> str:
 
 
 _UPSERT_RUN: Final = _upsert("probe_runs", "run_id provider model probe verdict caching_works "
-    "hit_ratio success error_type error started_at finished_at duration_seconds details",
-    "run_id")  # fmt: skip
+    "hit_ratio success error_type error started_at finished_at duration_seconds details "
+    "trace_id", "run_id")  # fmt: skip
 _UPSERT_USAGE: Final = _upsert("token_usage", "run_id provider model prompt_tokens cached_tokens"
     " cache_write_tokens completion_tokens spend_usd savings_usd at", "run_id")  # fmt: skip
 _UPSERT_MODEL: Final = _upsert("model_state", "provider model consecutive_failures "
@@ -99,6 +99,7 @@ class ProbeStore(Protocol):
     async def recent_runs(
         self, *, provider: str | None = None, model: str | None = None,
         probe: str | None = None, limit: int = 50, since: float | None = None,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]: ...  # fmt: skip
     async def latest_results(self) -> list[ProbeResult]: ...
     async def reliability_stats(
@@ -206,7 +207,7 @@ class Store(Ledger):
         run = (r.run_id, r.provider, r.model, r.probe, r.verdict.value,
                None if works is None else int(works), r.hit_ratio, int(r.success),
                kind.value if kind else None, r.error, r.started_at, r.finished_at,
-               r.duration_seconds, details)  # fmt: skip
+               r.duration_seconds, details, r.trace_id)  # fmt: skip
         usage = (r.run_id, r.provider, r.model, total(q.prompt_tokens for q in rs) or 0,
                  total(q.cached_tokens for q in rs), total(q.cache_write_tokens for q in rs),
                  total(q.completion_tokens for q in rs) or 0, float(spend_usd),
@@ -240,13 +241,15 @@ class Store(Ledger):
     async def recent_runs(
         self, *, provider: str | None = None, model: str | None = None,
         probe: str | None = None, limit: int = 50, since: float | None = None,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]:  # fmt: skip
         """Runs matching every filter given, newest (by finish time) first; ``limit`` is
-        capped at ``MAX_RECENT_RUNS``; ``since`` keeps runs finished at or after it."""
+        capped at ``MAX_RECENT_RUNS``; ``since`` keeps runs finished at or after it;
+        ``trace_id`` finds the run whose requests carried that W3C trace."""
         if (limit := min(int(limit), MAX_RECENT_RUNS)) <= 0:
             return []
         filters = {"provider = ?": provider, "model = ?": model, "probe = ?": probe,
-                   "finished_at >= ?": since}  # fmt: skip
+                   "finished_at >= ?": since, "trace_id = ?": trace_id}  # fmt: skip
         where = " AND ".join(["1", *(k for k, v in filters.items() if v is not None)])
         params = [v for v in filters.values() if v is not None]
         sql = f"SELECT details FROM probe_runs WHERE {where} "  # noqa: S608 - fixed clauses
