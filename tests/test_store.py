@@ -937,8 +937,7 @@ async def test_a_migration_applied_meanwhile_by_another_process_is_skipped(
 async def test_a_write_that_fails_with_a_bug_does_not_block_the_queue(
     db_path: Path, errors: Errors
 ) -> None:
-    engine = Engine(db_path, clock=FakeClock(START), on_error=errors)
-    await engine.start()
+    engine = await Engine.open(db_path, clock=FakeClock(START), on_error=errors)
     try:
 
         async def buggy(conn: aiosqlite.Connection) -> None:

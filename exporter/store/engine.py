@@ -1,8 +1,7 @@
 """The connection, its transactions, and what happens when the database misbehaves.
 
-One aiosqlite connection behind an anyio lock; writes are ``BEGIN IMMEDIATE … COMMIT`` under a
-cancel shield. Faults never escape ``submit``/``read``: one log line, ``on_error(operation)``,
-and failed writes wait in a bounded FIFO queue that lands in order on the next write or flush.
+Faults never escape ``submit`` and ``read``: one log line, ``on_error(operation)``, and a
+failed write waits in a bounded FIFO queue that lands, in order, on the next write or flush.
 """
 
 from __future__ import annotations
@@ -13,15 +12,16 @@ import os
 import sqlite3
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, Literal, Self, TypeVar
 
 import aiosqlite
 import anyio
 
 from exporter.clock import Clock
-from exporter.store.migrations import StoreError, migrate
+from exporter.store.migrations import StoreError, atomically, migrate
 
 log = logging.getLogger("exporter.store")
 T = TypeVar("T")
@@ -32,14 +32,12 @@ _DRAIN_BATCH: Final = 500  # queued writes committed per transaction when draini
 # "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
 # is gone), StoreError (reopening failed: a newer schema, a corrupted file).
 FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
-_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
 _POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
 
 Connection = aiosqlite.Connection
+Body = Callable[[Connection], Awaitable[T]]
 Connector = Callable[[Path, float], Awaitable[Connection]]
 """Opens the connection: ``(path, busy_timeout_seconds) -> connection`` in autocommit mode."""
-Apply = Callable[[Connection], Awaitable[object]]
-_Item = tuple[str, Apply, list[str]]  # (operation, write, [pending | landed | dropped])
 
 
 async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
@@ -47,33 +45,91 @@ async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
     return await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
 
 
+@dataclass(slots=True)
+class _Write:
+    op: str
+    apply: Body[object]
+    state: Literal["pending", "landed", "dropped"] = "pending"
+
+
+@dataclass(eq=False)
 class Engine:
-    def __init__(
-        self,
-        path: Path,
+    """One aiosqlite connection behind an anyio lock: the base of ``Store``.
+
+    Every write is one transaction under a cancel shield. The connection is reopened after a
+    fault, and when the path no longer holds the file it opened (docs/storage.md).
+    """
+
+    path: Path
+    _clock: Clock
+    _on_error: Callable[[str], None] | None
+    _busy_timeout: float
+    _max_pending: int
+    _connector: Connector
+    dropped_writes: int = field(default=0, init=False)  # writes dropped from a full queue
+    _lock: anyio.Lock = field(default_factory=anyio.Lock, init=False)
+    _pending: deque[_Write] = field(default_factory=deque, init=False)
+    _conn: Connection | None = field(default=None, init=False)
+    # (st_dev, st_ino) when opened: SQLite keeps writing to an unlinked inode without an
+    # error, so every use compares it with what the path holds now.
+    _identity: tuple[int, int] | None = field(default=None, init=False)
+    _broken: bool = field(default=False, init=False)  # reopen before the next operation
+    # Reopen before the next write even if a read reopened meanwhile (a read works on a
+    # read-only file).
+    _reopen_for_write: bool = field(default=False, init=False)
+    # _prepare still owes the file that replaced ours its replaced=True run: nothing else
+    # runs there until it succeeds.
+    _replaced: bool = field(default=False, init=False)
+    _closed: bool = field(default=False, init=False)
+    _healthy: bool = field(default=True, init=False)
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
         *,
         clock: Clock,
-        on_error: Callable[[str], None] | None,
+        on_error: Callable[[str], None] | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
         connector: Connector = connect_sqlite,
-    ) -> None:
-        self.path, self._clock, self._on_error = path, clock, on_error
-        self._busy_timeout, self._connector = busy_timeout, connector
-        self._lock, self._pending = anyio.Lock(), deque[_Item]()
-        self._conn: Connection | None = None
-        self._max_pending, self.dropped_writes = max(1, max_pending), 0
-        # (st_dev, st_ino) when opened: SQLite keeps writing to an unlinked inode without an
-        # error, so every use compares it with what the path holds now.
-        self._identity: tuple[int, int] | None = None
-        # _broken: reopen before the next operation; _reopen_for_write: before the next write
-        # even if a read reopened meanwhile (a read works on a read-only file).
-        self._broken = self._reopen_for_write = self._closed = False
-        self._healthy = True
-        # Runs on a file that replaced ours before anything else does (the ledger carries its
-        # totals over); _replaced: still owed, and every operation fails until it succeeds.
-        self.on_replaced: Callable[[Connection], Awaitable[None]] | None = None
-        self._replaced = False
+    ) -> Self:
+        """Open (creating directories and the file), check and migrate the database.
+
+        Raises ``StoreError`` with one line when it cannot be used at start (a newer schema:
+        ``SchemaTooNewError``; a corrupted file); later faults are handled, never raised.
+        ``connector`` opens the aiosqlite connection (tests inject faults with it).
+        """
+        store = cls(Path(path), clock, on_error, busy_timeout, max(1, max_pending), connector)
+        created = not store.path.exists()
+        try:
+            await store.run(_nothing)
+        except StoreError:
+            raise
+        except FAULTS as exc:
+            raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
+        if created:
+            log.info("store: created a new database %s (no earlier history or budget use)", path)
+        return store
+
+    async def close(self) -> int:
+        """Flush once and close; return the number of writes that could not be saved."""
+        if not self._closed:
+            with anyio.CancelScope(shield=True):
+                await self.flush()
+                async with self._lock:
+                    self._closed = True
+                    await self._disconnect()
+            if self._pending:
+                unsaved = len(self._pending)
+                log.error("store: closed with %d queued writes that could not be saved", unsaved)
+        return len(self._pending)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     @property
     def healthy(self) -> bool:
@@ -84,53 +140,35 @@ class Engine:
     def pending_writes(self) -> int:
         return len(self._pending)
 
-    async def start(self) -> None:
-        """Connect, check and migrate; raises (StoreError or a fault) when impossible."""
-        try:
-            await self.run(_connected)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._disconnect()
-            raise
-
-    async def close(self) -> int:
-        """Flush once, close; return the number of writes that could not be saved."""
-        if not self._closed:
-            with anyio.CancelScope(shield=True):
-                await self.flush()
-                async with self._lock:
-                    self._closed = True
-                    await self._disconnect()
-        return len(self._pending)
-
-    async def submit(self, op: str, apply: Apply) -> bool:
-        """Queue a write behind earlier failed ones, commit the queue; True if it landed."""
-        item: _Item = (op, apply, ["pending"])
+    async def submit(self, op: str, apply: Body[object]) -> bool:
+        """Queue a write behind earlier failed ones and commit the queue; True if it landed."""
+        write = _Write(op, apply)
         async with self._lock:
             if len(self._pending) >= self._max_pending:
                 oldest = self._pending.popleft()
-                oldest[2][0] = "dropped"
+                oldest.state = "dropped"
                 self.dropped_writes += 1
-                log.error("store: retry queue full (%d writes); dropped the oldest %s write "
-                          "(%d dropped since start)", self._max_pending, oldest[0],
-                          self.dropped_writes)  # fmt: skip
-            self._pending.append(item)
-            error = await self._drain_locked()
-        if item[2][0] == "pending":
+                log.error(
+                    "store: retry queue full, dropped the oldest %s write (%d dropped since start)",
+                    oldest.op,
+                    self.dropped_writes,
+                )
+            self._pending.append(write)
+            error = await self._drain()
+        if write.state == "pending":
             self.report(op, error)
-        return item[2][0] == "landed"
+        return write.state == "landed"
 
     async def flush(self) -> int:
         """Retry queued writes now; return how many are still waiting (0 = all saved)."""
         async with self._lock:
-            error = await self._drain_locked()
-            head = self._pending[0][0] if self._pending else None
-        if error is not None and head is not None:
-            self.report(head, error)
+            error = await self._drain()
+        if error is not None and self._pending:
+            self.report(self._pending[0].op, error)
         return len(self._pending)
 
-    async def read(self, op: str, query: Callable[[Connection], Awaitable[T]], default: T) -> T:
-        """Run a query; on a fault report ``op`` and return ``default``."""
+    async def read(self, op: str, query: Body[T], default: T) -> T:
+        """Run ``query``; on a fault report ``op`` and return ``default``."""
         try:
             result = await self.run(query)
         except FAULTS as exc:
@@ -140,20 +178,17 @@ class Engine:
         self._healthy = self._healthy or not self._pending
         return result
 
-    async def write(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """One transaction now, not queued; faults are raised (after bookkeeping)."""
-        return await self.run(body, transaction=True)
-
-    async def run(self, body: Callable[[Connection], Awaitable[T]], *, transaction: bool = False
-                  ) -> T:  # fmt: skip
-        """``body`` on the connection (in a transaction if asked); faults are raised."""
+    async def run(self, body: Body[T], *, transaction: bool = False) -> T:
+        """``body`` on the connection, in a write transaction if asked; faults are raised."""
         async with self._lock:
             try:
                 with anyio.CancelScope(shield=True):
-                    conn = None if transaction else await self._connection()
-                    result = await (body(conn) if conn else self._transaction(body))
+                    if transaction:
+                        result = await self._transaction(body)
+                    else:
+                        result = await body(await self._connection())
             except FAULTS as exc:
-                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
+                self._fault(exc)
                 raise
         return result
 
@@ -168,45 +203,43 @@ class Engine:
             except Exception:  # a broken metrics hook must not turn a handled fault unhandled
                 log.exception("store: on_error callback failed")
 
-    async def _drain_locked(self) -> BaseException | None:
+    async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
+        """Runs on every new connection before anything else (the ledger's hook)."""
+
+    def _fault(self, exc: BaseException) -> None:
+        self._healthy = False
+        # Anything but contention or a refused row may have left the connection unusable.
+        if not isinstance(exc, _POISON) and not _contention(exc):
+            self._broken = self._reopen_for_write = True
+
+    async def _drain(self) -> BaseException | None:
         """Commit queued writes in order, in batches; stop at the first fault and return it."""
         for _ in range(len(self._pending) // _DRAIN_BATCH + 1):
-            if not self._pending:
-                break
             batch = list(itertools.islice(self._pending, _DRAIN_BATCH))
+            if not batch:
+                break
             try:
                 with anyio.CancelScope(shield=True):
                     rejected = await self._transaction(partial(_apply_batch, batch=batch))
             except FAULTS as exc:
-                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
+                self._fault(exc)
                 return exc
-            for item in batch:
+            for write in batch:
                 self._pending.popleft()
-                item[2][0] = "landed"
-            for (op, _, state), why in rejected:
-                state[0] = "dropped"
-                log.error("store: %s write rejected by the database and dropped: %s", op,
-                          describe(why))  # fmt: skip
-                self.report(op)
+                write.state = "landed"
+            for write, why in rejected:
+                write.state = "dropped"
+                why_text = describe(why)
+                log.error(
+                    "store: %s write rejected by the database and dropped: %s", write.op, why_text
+                )
+                self.report(write.op)
         return None
 
-    async def _transaction(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        # IMMEDIATE takes the write lock up front: a deferred read-then-write could find its
-        # snapshot stale, and the budget check must read totals nobody can change meanwhile.
-        conn = await self._connection(write=True)
-        try:
-            await conn.execute_fetchall("BEGIN IMMEDIATE")
-            result = await body(conn)
-            await conn.execute_fetchall("COMMIT")
-        except BaseException as exc:
-            try:
-                if conn.in_transaction:
-                    await conn.execute_fetchall("ROLLBACK")
-            except FAULTS:
-                self._broken = True  # cannot tell what state it is in: start afresh
-            self._reopen_for_write = self._reopen_for_write or _needs_reopen(exc)
-            raise
-        self._healthy, self._reopen_for_write = True, False
+    async def _transaction(self, body: Body[T]) -> T:
+        result = await atomically(await self._connection(write=True), body)
+        self._healthy = True
+        self._reopen_for_write = False
         return result
 
     async def _connection(self, *, write: bool = False) -> Connection:
@@ -223,37 +256,32 @@ class Engine:
         changed = before is not None and _file_identity(self.path) != before
         self._replaced = self._replaced or changed
         conn = await self._connect(check=before is None or changed)
-        if self._replaced and self.on_replaced is not None:
-            try:
-                await self.on_replaced(conn)
-            except BaseException:
-                await _close_quietly(conn)
-                raise
-            self._replaced = False
-        self._conn, self._broken = conn, False
+        try:
+            await self._prepare(conn, replaced=self._replaced)
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        self._conn, self._broken, self._replaced = conn, False, False
         return conn
 
     async def _connect(self, *, check: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
-            conn.row_factory = sqlite3.Row
-            # auto_vacuum lets cleanup return pages without VACUUM; it can only be set before
-            # the first table exists, and setting it is a write (fails on a read-only file).
-            if next(iter(await conn.execute_fetchall("SELECT count(*) FROM sqlite_master")))[0]:
-                if check:  # at start, and on a file that replaced ours
-                    await _refuse_if_corrupted(conn, self.path)
-            else:
+            if not (await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1")):
+                # Lets cleanup return pages without VACUUM. Only possible before the first
+                # table exists, and a write (which fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
+            elif check:  # at start, and on a file that replaced ours
+                await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
-                log.warning("store: %s is not in WAL mode (journal_mode=%s); readers may block "
-                            "writers", self.path, mode)  # fmt: skip
+                log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
             # FULL: every commit is fsynced, so a committed reservation survives power loss.
-            await conn.execute_fetchall("PRAGMA synchronous = FULL")
-            await conn.execute_fetchall("PRAGMA foreign_keys = ON")
-            # Again, so that a custom connector cannot leave it at 0 (fail on any contention).
+            # busy_timeout again, so that a custom connector cannot leave it at 0.
             busy_ms = max(0, int(self._busy_timeout * 1000))
-            await conn.execute_fetchall(f"PRAGMA busy_timeout = {busy_ms}")
+            await conn.executescript(
+                f"PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
+            )
             await migrate(conn, now=self._clock.time())
             self._identity = _file_identity(self.path)
         except BaseException:
@@ -281,25 +309,25 @@ class Engine:
             await _close_quietly(conn)
 
 
-async def _connected(conn: Connection) -> None:
+async def _nothing(conn: Connection) -> None:
     return None
 
 
-async def _apply_batch(conn: Connection, *, batch: list[_Item]) -> list[tuple[_Item, Exception]]:
+async def _apply_batch(conn: Connection, *, batch: list[_Write]) -> list[tuple[_Write, Exception]]:
     """Apply queued writes in the caller's transaction; return those the database rejected,
     each undone through its own savepoint (the others are kept)."""
-    rejected: list[tuple[_Item, Exception]] = []
-    for item in batch:
+    rejected: list[tuple[_Write, Exception]] = []
+    for write in batch:
         await conn.execute_fetchall("SAVEPOINT pending_write")
         try:
-            await item[1](conn)
+            await write.apply(conn)
         except Exception as exc:
             if isinstance(exc, FAULTS) and not isinstance(exc, _POISON):
                 raise  # the database's state, not the write: retry the whole batch later
             if not isinstance(exc, _POISON):  # a bug: would fail on every retry
-                log.exception("store: %s write failed with an unexpected error", item[0])
+                log.exception("store: %s write failed with an unexpected error", write.op)
             await conn.execute_fetchall("ROLLBACK TO pending_write")
-            rejected.append((item, exc))
+            rejected.append((write, exc))
         await conn.execute_fetchall("RELEASE pending_write")
     return rejected
 
@@ -312,15 +340,15 @@ _BAD_TOTALS: Final = """SELECT count(*) FROM budget_windows WHERE typeof(tokens)
 async def integrity_problems(conn: Connection) -> str:
     """``"ok"``, or what integrity_check, foreign_key_check and the ledger's rules found."""
     found = [str(r[0]) for r in await conn.execute_fetchall("PRAGMA integrity_check")]
-    problems = [p for p in found if p != "ok"] + [
-        f"foreign key violation: {r[0]} rowid {r[1]} references {r[2]}"
-        for r in await conn.execute_fetchall("PRAGMA foreign_key_check")
-    ]
+    problems = [p for p in found if p != "ok"]
+    for table, rowid, parent, _ in await conn.execute_fetchall("PRAGMA foreign_key_check"):
+        problems.append(f"foreign key violation: {table} rowid {rowid} references {parent}")
     # Values SQLite accepts but the ledger cannot: such totals deny (or grant) everything.
-    if not problems and list(await conn.execute_fetchall(_HAS_LEDGER)):
-        rows = list(await conn.execute_fetchall(_BAD_TOTALS))
-        problems += [f"budget_windows: {rows[0][0]} rows with invalid totals"] if rows[0][0] else []
-    return "\n".join(problems) if problems else "ok"
+    if not problems and await conn.execute_fetchall(_HAS_LEDGER):
+        ((bad,),) = await conn.execute_fetchall(_BAD_TOTALS)
+        if bad:
+            problems.append(f"budget_windows: {bad} rows with invalid totals")
+    return "\n".join(problems) or "ok"
 
 
 async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
@@ -330,17 +358,17 @@ async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
         found = describe(exc)
     if found != "ok":
         first = " ".join(found.splitlines()[0].split())[:200]
-        raise StoreError(f"database {path} is corrupted ({first}); move it aside (a new one is "
-                         "then created) or restore a backup")  # fmt: skip
+        raise StoreError(
+            f"database {path} is corrupted ({first}); move it aside (a new one is then created)"
+            " or restore a backup"
+        )
 
 
 def _contention(exc: BaseException) -> bool:
-    return (getattr(exc, "sqlite_errorname", None) or "").startswith(_CONTENTION)
-
-
-def _needs_reopen(exc: BaseException) -> bool:
-    """Anything but contention or a refused row may have left the connection unusable."""
-    return isinstance(exc, FAULTS) and not isinstance(exc, _POISON) and not _contention(exc)
+    """SQLITE_BUSY or SQLITE_LOCKED: the connection itself is fine."""
+    return (getattr(exc, "sqlite_errorname", None) or "").startswith(
+        ("SQLITE_BUSY", "SQLITE_LOCKED")
+    )
 
 
 async def _journal_mode(conn: Connection, pragma: str) -> str:
