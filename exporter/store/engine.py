@@ -6,14 +6,13 @@ failed write waits in a bounded FIFO queue that lands, in order, on the next wri
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import os
 import sqlite3
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Self, TypeVar
 
@@ -26,13 +25,11 @@ from exporter.store.migrations import StoreError, atomically, migrate
 log = logging.getLogger("exporter.store")
 T = TypeVar("T")
 
-DEFAULT_BUSY_TIMEOUT: Final = 5.0  # seconds to wait for another connection's write lock
-DEFAULT_MAX_PENDING: Final = 10_000  # failed writes kept in memory for retry
-_DRAIN_BATCH: Final = 500  # queued writes committed per transaction when draining
 # "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
 # is gone), StoreError (reopening failed: a newer schema, a corrupted file).
 FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
 _POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
+_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
 
 Connection = aiosqlite.Connection
 Body = Callable[[Connection], Awaitable[T]]
@@ -52,36 +49,34 @@ class _Write:
     state: Literal["pending", "landed", "dropped"] = "pending"
 
 
-@dataclass(eq=False)
 class Engine:
-    """One aiosqlite connection behind an anyio lock: the base of ``Store``.
+    """One aiosqlite connection behind an anyio lock, (re)opened when needed: ``Store``'s base.
 
-    Every write is one transaction under a cancel shield. The connection is reopened after a
-    fault, and when the path no longer holds the file it opened (docs/storage.md).
+    Work on the connection runs under a cancel shield, so a cancelled caller never leaves a
+    transaction half done.
     """
 
-    path: Path
-    _clock: Clock
-    _on_error: Callable[[str], None] | None
-    _busy_timeout: float
-    _max_pending: int
-    _connector: Connector
-    dropped_writes: int = field(default=0, init=False)  # writes dropped from a full queue
-    _lock: anyio.Lock = field(default_factory=anyio.Lock, init=False)
-    _pending: deque[_Write] = field(default_factory=deque, init=False)
-    _conn: Connection | None = field(default=None, init=False)
-    # (st_dev, st_ino) when opened: SQLite keeps writing to an unlinked inode without an
-    # error, so every use compares it with what the path holds now.
-    _identity: tuple[int, int] | None = field(default=None, init=False)
-    _broken: bool = field(default=False, init=False)  # reopen before the next operation
-    # Reopen before the next write even if a read reopened meanwhile (a read works on a
-    # read-only file).
-    _reopen_for_write: bool = field(default=False, init=False)
-    # _prepare still owes the file that replaced ours its replaced=True run: nothing else
-    # runs there until it succeeds.
-    _replaced: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
-    _healthy: bool = field(default=True, init=False)
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        on_error: Callable[[str], None] | None,
+        busy_timeout: float,
+        max_pending: int,
+        connector: Connector,
+    ) -> None:
+        self.path, self._clock, self._on_error = path, clock, on_error
+        self._busy_timeout, self._connector = busy_timeout, connector
+        self._max_pending, self.dropped_writes = max(1, max_pending), 0
+        self._lock, self._pending = anyio.Lock(), deque[_Write]()
+        self._conn: Connection | None = None
+        # (st_dev, st_ino) of the file opened: SQLite keeps writing to an unlinked inode
+        # without an error, so every use compares it with what the path holds now.
+        self._identity: tuple[int, int] | None = None
+        # After a fault, reopen before the next write even if a read reopened meanwhile (a
+        # read works on a read-only file).
+        self._reopen_for_write = self._closed = False
+        self._healthy = True
 
     @classmethod
     async def open(
@@ -90,8 +85,8 @@ class Engine:
         *,
         clock: Clock,
         on_error: Callable[[str], None] | None = None,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        busy_timeout: float = 5.0,  # seconds to wait for another connection's write lock
+        max_pending: int = 10_000,  # failed writes kept in memory for retry
         connector: Connector = connect_sqlite,
     ) -> Self:
         """Open (creating directories and the file), check and migrate the database.
@@ -100,10 +95,10 @@ class Engine:
         ``SchemaTooNewError``; a corrupted file); later faults are handled, never raised.
         ``connector`` opens the aiosqlite connection (tests inject faults with it).
         """
-        store = cls(Path(path), clock, on_error, busy_timeout, max(1, max_pending), connector)
+        store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
         created = not store.path.exists()
         try:
-            await store.run(_nothing)
+            await store.run(_nothing)  # connects: checks and migrates
         except StoreError:
             raise
         except FAULTS as exc:
@@ -113,16 +108,15 @@ class Engine:
         return store
 
     async def close(self) -> int:
-        """Flush once and close; return the number of writes that could not be saved."""
+        """Flush once and close (idempotent); return how many writes could not be saved."""
         if not self._closed:
             with anyio.CancelScope(shield=True):
                 await self.flush()
                 async with self._lock:
                     self._closed = True
                     await self._disconnect()
-            if self._pending:
-                unsaved = len(self._pending)
-                log.error("store: closed with %d queued writes that could not be saved", unsaved)
+            if lost := len(self._pending):
+                log.error("store: closed with %d queued writes that could not be saved", lost)
         return len(self._pending)
 
     async def __aenter__(self) -> Self:
@@ -145,14 +139,9 @@ class Engine:
         write = _Write(op, apply)
         async with self._lock:
             if len(self._pending) >= self._max_pending:
-                oldest = self._pending.popleft()
-                oldest.state = "dropped"
                 self.dropped_writes += 1
-                log.error(
-                    "store: retry queue full, dropped the oldest %s write (%d dropped since start)",
-                    oldest.op,
-                    self.dropped_writes,
-                )
+                why = f"the retry queue is full ({self.dropped_writes} dropped since start)"
+                self._drop(self._pending[0], why)
             self._pending.append(write)
             error = await self._drain()
         if write.state == "pending":
@@ -181,15 +170,8 @@ class Engine:
     async def run(self, body: Body[T], *, transaction: bool = False) -> T:
         """``body`` on the connection, in a write transaction if asked; faults are raised."""
         async with self._lock:
-            try:
-                with anyio.CancelScope(shield=True):
-                    if transaction:
-                        result = await self._transaction(body)
-                    else:
-                        result = await body(await self._connection())
-            except FAULTS as exc:
-                self._fault(exc)
-                raise
+            with anyio.CancelScope(shield=True):
+                result = await self._run(body, transaction=transaction)
         return result
 
     def report(self, op: str, exc: BaseException | None = None) -> None:
@@ -206,69 +188,73 @@ class Engine:
     async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
         """Runs on every new connection before anything else (the ledger's hook)."""
 
-    def _fault(self, exc: BaseException) -> None:
-        self._healthy = False
-        # Anything but contention or a refused row may have left the connection unusable.
-        if not isinstance(exc, _POISON) and not _contention(exc):
-            self._broken = self._reopen_for_write = True
+    async def _run(self, body: Body[T], *, transaction: bool) -> T:
+        try:
+            if not transaction:
+                return await body(await self._connection())
+            result = await atomically(await self._connection(write=True), body)
+        except FAULTS as exc:
+            self._healthy = False
+            # Anything but contention or a refused row may have left the connection unusable.
+            if not isinstance(exc, _POISON) and not _contention(exc):
+                self._reopen_for_write = True
+                await self._disconnect()
+            raise
+        self._healthy, self._reopen_for_write = True, False
+        return result
 
     async def _drain(self) -> BaseException | None:
-        """Commit queued writes in order, in batches; stop at the first fault and return it."""
-        for _ in range(len(self._pending) // _DRAIN_BATCH + 1):
-            batch = list(itertools.islice(self._pending, _DRAIN_BATCH))
-            if not batch:
-                break
-            try:
-                with anyio.CancelScope(shield=True):
-                    rejected = await self._transaction(partial(_apply_batch, batch=batch))
-            except FAULTS as exc:
-                self._fault(exc)
-                return exc
-            for write in batch:
-                self._pending.popleft()
-                write.state = "landed"
-            for write, why in rejected:
-                write.state = "dropped"
-                why_text = describe(why)
-                log.error(
-                    "store: %s write rejected by the database and dropped: %s", write.op, why_text
-                )
-                self.report(write.op)
+        """Commit queued writes in order, one transaction each; stop at a fault and return it.
+
+        A write the database refuses (a constraint: the row itself), or that fails with a bug,
+        would fail on every retry: it is dropped instead of blocking the queue.
+        """
+        while self._pending:  # bounded: every pass lands or drops the head, or returns
+            write = self._pending[0]
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._run(write.apply, transaction=True)
+                    write.state = "landed"
+                    self._pending.popleft()
+                except _POISON as exc:
+                    self.report(self._drop(write, describe(exc)))
+                except FAULTS as exc:
+                    return exc
+                except Exception:
+                    log.exception("store: %s write failed with an unexpected error", write.op)
+                    self.report(self._drop(write, "a bug"))
         return None
 
-    async def _transaction(self, body: Body[T]) -> T:
-        result = await atomically(await self._connection(write=True), body)
-        self._healthy = True
-        self._reopen_for_write = False
-        return result
+    def _drop(self, write: _Write, why: str) -> str:
+        log.error("store: %s write dropped: %s", write.op, why)
+        write.state = "dropped"
+        self._pending.remove(write)
+        return write.op
 
     async def _connection(self, *, write: bool = False) -> Connection:
         """The open connection, (re)opened first when needed. The caller holds the lock."""
         if self._closed:
             raise StoreError("store is closed")
-        conn, before = self._conn, self._identity
-        if conn is not None and not self._broken and not (write and self._reopen_for_write):
-            if _file_identity(self.path) == before:
-                return conn
+        current = _file_identity(self.path)
+        if self._conn is not None and not (write and self._reopen_for_write):
+            if current == self._identity:
+                return self._conn
             log.warning("store: database file %s was replaced or removed; reopening", self.path)
         await self._disconnect()
-        # Compared before reopening: a new file may well reuse the freed inode number.
-        changed = before is not None and _file_identity(self.path) != before
-        self._replaced = self._replaced or changed
-        conn = await self._connect(check=before is None or changed)
-        try:
-            await self._prepare(conn, replaced=self._replaced)
-        except BaseException:
-            await _close_quietly(conn)
-            raise
-        self._conn, self._broken, self._replaced = conn, False, False
-        return conn
+        # Compared before reopening: a new file may well reuse the freed inode number. Until
+        # _prepare succeeds on a replacing file, _identity stays that of the one it replaced.
+        replaced = self._identity is not None and current != self._identity
+        self._conn = await self._connect(
+            check=self._identity is None or replaced, replaced=replaced
+        )
+        self._identity = _file_identity(self.path)
+        return self._conn
 
-    async def _connect(self, *, check: bool) -> Connection:
+    async def _connect(self, *, check: bool, replaced: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
-            if not (await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1")):
+            if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
                 # Lets cleanup return pages without VACUUM. Only possible before the first
                 # table exists, and a write (which fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
@@ -279,57 +265,41 @@ class Engine:
             # FULL: every commit is fsynced, so a committed reservation survives power loss.
             # busy_timeout again, so that a custom connector cannot leave it at 0.
             busy_ms = max(0, int(self._busy_timeout * 1000))
-            await conn.executescript(
-                f"PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
+            pragmas = (
+                f"synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
             )
+            await conn.executescript(f"PRAGMA {pragmas}")
             await migrate(conn, now=self._clock.time())
-            self._identity = _file_identity(self.path)
+            await self._prepare(conn, replaced=replaced)
         except BaseException:
-            await _close_quietly(conn)
+            with contextlib.suppress(*FAULTS):
+                await conn.close()
             raise
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:
         # While another connection holds the write lock of a rollback-journal file, SQLite
         # fails the switch at once (no busy handler): retry in real time within busy_timeout.
-        mode = await _journal_mode(conn, "PRAGMA journal_mode")
         attempts = max(1, int(self._busy_timeout / 0.02))
-        for attempt in range(attempts if mode != "wal" else 0):
+        for attempt in range(1, attempts + 1):
             try:
-                return await _journal_mode(conn, "PRAGMA journal_mode = WAL")
+                ((mode,),) = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+                break
             except sqlite3.OperationalError as exc:
-                if not _contention(exc) or attempt == attempts - 1:
+                if not _contention(exc) or attempt == attempts:
                     raise
                 await anyio.sleep(0.02)
-        return mode
+        return str(mode).lower()
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close_quietly(conn)
+        with contextlib.suppress(*FAULTS):
+            if conn is not None:
+                await conn.close()
 
 
 async def _nothing(conn: Connection) -> None:
     return None
-
-
-async def _apply_batch(conn: Connection, *, batch: list[_Write]) -> list[tuple[_Write, Exception]]:
-    """Apply queued writes in the caller's transaction; return those the database rejected,
-    each undone through its own savepoint (the others are kept)."""
-    rejected: list[tuple[_Write, Exception]] = []
-    for write in batch:
-        await conn.execute_fetchall("SAVEPOINT pending_write")
-        try:
-            await write.apply(conn)
-        except Exception as exc:
-            if isinstance(exc, FAULTS) and not isinstance(exc, _POISON):
-                raise  # the database's state, not the write: retry the whole batch later
-            if not isinstance(exc, _POISON):  # a bug: would fail on every retry
-                log.exception("store: %s write failed with an unexpected error", write.op)
-            await conn.execute_fetchall("ROLLBACK TO pending_write")
-            rejected.append((write, exc))
-        await conn.execute_fetchall("RELEASE pending_write")
-    return rejected
 
 
 _HAS_LEDGER: Final = "SELECT 1 FROM sqlite_master WHERE name = 'budget_windows'"
@@ -346,8 +316,7 @@ async def integrity_problems(conn: Connection) -> str:
     # Values SQLite accepts but the ledger cannot: such totals deny (or grant) everything.
     if not problems and await conn.execute_fetchall(_HAS_LEDGER):
         ((bad,),) = await conn.execute_fetchall(_BAD_TOTALS)
-        if bad:
-            problems.append(f"budget_windows: {bad} rows with invalid totals")
+        problems += [f"budget_windows: {bad} rows with invalid totals"] if bad else []
     return "\n".join(problems) or "ok"
 
 
@@ -365,15 +334,7 @@ async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
 
 
 def _contention(exc: BaseException) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED: the connection itself is fine."""
-    return (getattr(exc, "sqlite_errorname", None) or "").startswith(
-        ("SQLITE_BUSY", "SQLITE_LOCKED")
-    )
-
-
-async def _journal_mode(conn: Connection, pragma: str) -> str:
-    rows = list(await conn.execute_fetchall(pragma))
-    return str(rows[0][0]).lower() if rows else "?"
+    return str(getattr(exc, "sqlite_errorname", "")).startswith(_CONTENTION)
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -389,10 +350,3 @@ def describe(exc: BaseException) -> str:
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
     text = " ".join(str(exc).split())
     return f"{name}: {text}" if text else name
-
-
-async def _close_quietly(conn: Connection) -> None:
-    try:
-        await conn.close()
-    except FAULTS as exc:
-        log.debug("store: closing the connection failed: %s", describe(exc))
