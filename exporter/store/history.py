@@ -1,14 +1,14 @@
 """The store: probe history, token usage, balances and model state, on top of the ledger.
 
-``ProbeStore`` is the part the recorder and the HTTP side depend on (fakes implement it).
-Values are always bound parameters; only the fixed table and column names below go into SQL.
+``ProbeStore`` is the part the recorder and the HTTP side depend on. Values are always bound
+parameters; only the fixed table and column names below go into SQL text.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Protocol
@@ -24,11 +24,21 @@ log = logging.getLogger("exporter.store")
 
 MAX_RECENT_RUNS: Final = 1000  # cap on one recent_runs() answer
 _CLEANUP_BATCH: Final = 5000  # rows per delete transaction: the write lock is never held long
-_CLEANUP_MAX_BATCHES: Final = 10_000  # per table and call, to bound the loop
-_RUN_COLUMNS: Final = (
-    "run_id provider model probe verdict caching_works hit_ratio error_type error started_at "
-    "finished_at duration_seconds"
-).split()
+# INSERT OR REPLACE: a write retried after a commit whose acknowledgement was lost is harmless.
+_INSERT_RUN: Final = """INSERT OR REPLACE INTO probe_runs (run_id, provider, model, probe,
+    verdict, caching_works, hit_ratio, success, error_type, error, started_at, finished_at,
+    duration_seconds, details) VALUES (:run_id, :provider, :model, :probe, :verdict,
+    :caching_works, :hit_ratio, :success, :error_type, :error, :started_at, :finished_at,
+    :duration_seconds, :details)"""
+_INSERT_USAGE: Final = """INSERT OR REPLACE INTO token_usage (run_id, provider, model,
+    prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, spend_usd, savings_usd,
+    at) VALUES (:run_id, :provider, :model, :prompt_tokens, :cached_tokens, :cache_write_tokens,
+    :completion_tokens, :spend_usd, :savings_usd, :finished_at)"""
+_SAVE_MODEL_STATE: Final = """INSERT OR REPLACE INTO model_state (provider, model,
+    consecutive_failures, consecutive_successes, cooldown_until, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?)"""
+_MODEL_STATES: Final = """SELECT provider, model, consecutive_failures, consecutive_successes,
+    cooldown_until, updated_at FROM model_state"""
 # DISTINCT over an index, then one index seek per target: no scan of every details column.
 _LATEST_RUNS: Final = """SELECT r.details FROM (SELECT DISTINCT provider, model, probe FROM
     probe_runs) t JOIN probe_runs r ON r.id = (SELECT id FROM probe_runs WHERE provider =
@@ -41,8 +51,8 @@ _RELIABILITY: Final = """SELECT provider, model, COUNT(*), SUM(success),
     SUM(CASE WHEN success = 1 AND caching_works = 1 THEN 1 ELSE 0 END),
     SUM(CASE WHEN success = 1 THEN hit_ratio END),
     SUM(CASE WHEN success = 1 AND hit_ratio IS NOT NULL THEN 1 ELSE 0 END) FROM probe_runs"""
-# What retention deletes, by key, in batches. Windows still open are never cleaned, whatever
-# cutoff the caller passes; nor are open reservations of a month that is not over.
+# What retention deletes: (table, key, condition). Windows still open are never cleaned,
+# whatever cutoff the caller passes, nor open reservations of a month that is not over.
 _CLEANUP: Final = (
     ("token_usage", "id", "at < :cutoff"),
     ("probe_runs", "id", "finished_at < :cutoff"),
@@ -66,7 +76,7 @@ class ModelState:
 
 
 class ProbeStore(Protocol):
-    """What the recorder, the HTTP API and the CLI need from the history store."""
+    """What the recorder and the HTTP API need from the history store."""
 
     async def record_run(
         self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
@@ -97,9 +107,6 @@ class ProbeStore(Protocol):
     ) -> None: ...
     async def load_model_states(self) -> dict[tuple[str, str], ModelState]: ...
     async def cleanup(self, *, older_than: float) -> int: ...
-    async def flush(self) -> int: ...
-    @property
-    def healthy(self) -> bool: ...
 
 
 class Store(Ledger):
@@ -111,42 +118,34 @@ class Store(Ledger):
     async def record_run(
         self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
     ) -> None:
-        """Store a run and its token usage in one transaction (queued for retry on failure)."""
-        r = result
-        try:  # the whole result is what is read back; the other columns are for filtering
-            data = r.to_dict()
-            details = json.dumps(data, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:  # a bug no retry can fix: do not block the queue
-            log.error("store: run %s of %s/%s not stored: %s", r.run_id, r.provider, r.model, exc)
-            self.report("write_run")
-            return
-        run = {name: data[name] for name in _RUN_COLUMNS}
-        run |= {"success": r.success, "details": details}
-        usage = {
-            "run_id": r.run_id,
-            "provider": r.provider,
-            "model": r.model,
-            "prompt_tokens": _total(q.prompt_tokens for q in r.requests) or 0,
-            "cached_tokens": _total(q.cached_tokens for q in r.requests),
-            "cache_write_tokens": _total(q.cache_write_tokens for q in r.requests),
-            "completion_tokens": _total(q.completion_tokens for q in r.requests) or 0,
+        """Store a run and its token usage in one transaction (queued for retry on failure).
+
+        ``details`` (the whole result) is what is read back; the other columns filter.
+        """
+        requests, data = result.requests, result.to_dict()
+        row = data | {
+            "success": result.success,
+            "prompt_tokens": _total(r.prompt_tokens for r in requests) or 0,
+            "cached_tokens": _total(r.cached_tokens for r in requests),
+            "cache_write_tokens": _total(r.cache_write_tokens for r in requests),
+            "completion_tokens": _total(r.completion_tokens for r in requests) or 0,
             "spend_usd": float(spend_usd),
             "savings_usd": float(savings_usd),
-            "at": r.finished_at,
         }
 
         async def write(conn: Connection) -> None:
-            await _replace(conn, "probe_runs", run)
-            await _replace(conn, "token_usage", usage)
+            details = json.dumps(data, separators=(",", ":"))  # a bug here drops the write
+            await conn.execute_fetchall(_INSERT_RUN, row | {"details": details})
+            await conn.execute_fetchall(_INSERT_USAGE, row)
 
         await self.submit("write_run", write)
         self.history_version += 1
 
     async def save_balance(self, provider: str, currency: str, amount: float) -> None:
         """Record a balance the provider reported, stamped with the store's clock."""
-        row = {"provider": provider, "currency": currency, "amount": float(amount)}
-        row["at"] = self._clock.time()
-        await self.submit("balance", partial(_replace, table="balances", row=row))
+        sql = "INSERT INTO balances (provider, currency, amount, at) VALUES (?, ?, ?, ?)"
+        row = (provider, currency, float(amount), self._clock.time())
+        await self.submit("balance", lambda conn: conn.execute_fetchall(sql, row))
 
     async def save_model_state(
         self,
@@ -158,15 +157,9 @@ class Store(Ledger):
         cooldown_until: float | None,
     ) -> None:
         """Replace the model's failure-tracking state (stamped with the store's clock)."""
-        row = {
-            "provider": provider,
-            "model": model,
-            "consecutive_failures": int(consecutive_failures),
-            "consecutive_successes": int(consecutive_successes),
-            "cooldown_until": cooldown_until,
-            "updated_at": self._clock.time(),
-        }
-        await self.submit("model_state", partial(_replace, table="model_state", row=row))
+        counts = (int(consecutive_failures), int(consecutive_successes))
+        row = (provider, model, *counts, cooldown_until, self._clock.time())
+        await self.submit("model_state", lambda conn: conn.execute_fetchall(_SAVE_MODEL_STATE, row))
 
     async def recent_runs(
         self,
@@ -182,10 +175,8 @@ class Store(Ledger):
         if (limit := min(int(limit), MAX_RECENT_RUNS)) <= 0:
             return []
         where, params = _where(provider=provider, model=model, probe=probe, since=since)
-        sql = f"SELECT details FROM probe_runs WHERE {where} "  # noqa: S608 - fixed clauses
-        rows = await self._select(
-            "read", sql + "ORDER BY finished_at DESC, id DESC LIMIT ?", [*params, limit]
-        )
+        sql = f"SELECT details FROM probe_runs WHERE {where} ORDER BY finished_at DESC, id DESC"  # noqa: S608
+        rows = await self._select("read", sql + " LIMIT ?", [*params, limit])
         # Decoding a thousand runs takes tens of milliseconds: off the loop that times probes.
         return await anyio.to_thread.run_sync(_decode, rows)
 
@@ -210,8 +201,7 @@ class Store(Ledger):
         return {(p, c): (amount, at) for p, c, amount, at in rows}
 
     async def load_model_states(self) -> dict[tuple[str, str], ModelState]:
-        columns = "consecutive_failures, consecutive_successes, cooldown_until, updated_at"
-        rows = await self._select("restore", f"SELECT provider, model, {columns} FROM model_state")
+        rows = await self._select("restore", _MODEL_STATES)
         return {(row[0], row[1]): ModelState(*row) for row in rows}
 
     async def cleanup(self, *, older_than: float) -> int:
@@ -224,15 +214,11 @@ class Store(Ledger):
         deleted = 0
         try:
             for table, key, condition in _CLEANUP:
-                sql = (
-                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
-                    f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
-                )
-                for _ in range(_CLEANUP_MAX_BATCHES):
-                    count = await self.run(
-                        partial(_count, sql=sql, params=params), transaction=True
-                    )
-                    deleted += count
+                inner = f"SELECT {key} FROM {table} WHERE {condition} LIMIT {_CLEANUP_BATCH}"  # noqa: S608
+                sql = f"DELETE FROM {table} WHERE ({key}) IN ({inner}) RETURNING 1"  # noqa: S608
+                delete = partial(_count, sql=sql, params=params)
+                for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
+                    deleted += (count := await self.run(delete, transaction=True))
                     if count < _CLEANUP_BATCH:
                         break
             if deleted:  # hand free pages back to the filesystem, refresh statistics
@@ -250,8 +236,8 @@ class Store(Ledger):
             self.report("read", exc)
             return f"unavailable: {describe(exc)}"
 
-    async def _select(self, op: str, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        return await self.read(op, partial(_rows, sql=sql, params=tuple(params)), [])
+    async def _select(self, op: str, sql: str, params: Iterable[object] = ()) -> Iterable[Any]:
+        return await self.read(op, lambda conn: conn.execute_fetchall(sql, tuple(params)), [])
 
 
 def _total(values: Iterable[int | None]) -> int | None:
@@ -260,28 +246,18 @@ def _total(values: Iterable[int | None]) -> int | None:
 
 
 def _where(**filters: object) -> tuple[str, list[object]]:
-    """``col = ?`` (``finished_at >= ?`` for since) for every filter given."""
+    """``column = ?`` for every filter given (``finished_at >= ?`` for ``since``)."""
     given = {name: value for name, value in filters.items() if value is not None}
     clauses = ["finished_at >= ?" if name == "since" else f"{name} = ?" for name in given]
     return " AND ".join(["1", *clauses]), list(given.values())
 
 
-async def _replace(conn: Connection, table: str, row: Mapping[str, object]) -> None:
-    # A write retried after a commit whose acknowledgement was lost then changes nothing.
-    names, marks = ", ".join(row), ", ".join(f":{name}" for name in row)
-    await conn.execute_fetchall(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", row)  # noqa: S608
+async def _count(conn: Connection, *, sql: str, params: dict[str, float]) -> int:
+    return len(list(await conn.execute_fetchall(sql, params)))
 
 
 async def _vacuum(conn: Connection) -> None:
     await conn.executescript("PRAGMA incremental_vacuum; PRAGMA optimize")
-
-
-async def _rows(conn: Connection, *, sql: str, params: tuple[Any, ...]) -> list[Any]:
-    return list(await conn.execute_fetchall(sql, params))
-
-
-async def _count(conn: Connection, *, sql: str, params: Mapping[str, object]) -> int:
-    return len(list(await conn.execute_fetchall(sql, params)))
 
 
 def _decode(rows: Iterable[Any]) -> list[ProbeResult]:

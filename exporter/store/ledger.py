@@ -1,16 +1,14 @@
 """The budget ledger: reserve before sending, settle after, totals that never reset silently.
 
-A reservation checks the limits and inserts in one ``BEGIN IMMEDIATE`` transaction, and
-``budget_windows`` keeps the running totals in the same transactions. A file deleted or
-replaced while running first gets the totals of the open windows this process has seen
-(docs/storage.md, "Deleting or replacing the database while running").
+``budget_windows`` keeps each window's running total, changed in the transaction of every
+reservation and settlement (docs/storage.md, "Budget").
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
+from typing import Final
 
 from exporter.store.engine import FAULTS, Connection, Engine
 from exporter.store.migrations import atomically
@@ -79,15 +77,26 @@ class LedgerDecision:
     totals: LedgerTotals  # the windows' use after the decision
 
 
-_PAIR = "provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))"
-_UPSERT = (
-    'INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd) '
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET "
-)
-_ADD = _UPSERT + "tokens = tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"
-_AT_LEAST = (
-    _UPSERT + "tokens = max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"
-)
+_WINDOWS: Final = """SELECT kind, start, "end", tokens, nanousd FROM budget_windows
+    WHERE provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))"""
+_OPEN_WINDOWS: Final = """SELECT provider, kind, start, "end", tokens, nanousd FROM budget_windows
+    WHERE "end" > ?"""
+_RESERVE: Final = """INSERT INTO budget_ledger (provider, reserved_tokens, reserved_nanousd, at,
+    day_start, month_start, month_end) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"""
+_ADD: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
+    tokens = tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"""
+_AT_LEAST: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
+    tokens = max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"""
+# "settled = 0": settling again (a retried settlement) changes nothing; NULL (unknown) keeps
+# the reserved amount.
+_SETTLE: Final = """UPDATE budget_ledger SET settled = 1, settled_at = ?,
+    actual_tokens = coalesce(?, reserved_tokens), actual_nanousd = coalesce(?, reserved_nanousd)
+    WHERE id = ? AND settled = 0 RETURNING actual_tokens - reserved_tokens,
+    actual_nanousd - reserved_nanousd, provider, day_start, month_start"""
+_SETTLE_WINDOWS: Final = """UPDATE budget_windows SET tokens = tokens + ?, nanousd = nanousd + ?
+    WHERE provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))"""
 
 
 class Ledger(Engine):
@@ -97,8 +106,8 @@ class Ledger(Engine):
     _seen: dict[tuple[str, str, int], tuple[int, int, int]]
 
     async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
-        """On every new connection: carry our totals into a file that replaced ours (never
-        lowering what it holds), then remember what its open windows hold."""
+        """A file deleted or replaced while running first gets the totals of the open windows
+        seen (never lowering what it holds); then remember what its open windows hold."""
         now = self._clock.time()
         if replaced:
             kept = [(*key, *value) for key, value in self._seen.items() if value[0] > now]
@@ -110,18 +119,13 @@ class Ledger(Engine):
                     self.path,
                     len(kept),
                 )
-        rows = await conn.execute_fetchall(
-            'SELECT provider, kind, start, "end", tokens, nanousd FROM budget_windows '
-            'WHERE "end" > ?',
-            (now,),
-        )
+        rows = await conn.execute_fetchall(_OPEN_WINDOWS, (now,))
         self._seen = {(p, k, s): (e, t, n) for p, k, s, e, t, n in rows}
 
     async def _totals(self, conn: Connection, provider: str, day: int, month: int) -> LedgerTotals:
         used = {"day": WindowTotals(day), "month": WindowTotals(month)}
-        query = f'SELECT kind, start, "end", tokens, nanousd FROM budget_windows WHERE {_PAIR}'
         for kind, start, end, tokens, nanousd in await conn.execute_fetchall(
-            query, (provider, day, month)
+            _WINDOWS, (provider, day, month)
         ):
             used[kind] = WindowTotals(start, tokens, nanousd)
             self._seen[(provider, kind, start)] = (end, tokens, nanousd)
@@ -145,18 +149,13 @@ class Ledger(Engine):
             totals = await self._totals(conn, provider, w.day_start, w.month_start)
             if not limits.admits(totals, tokens, nanousd):
                 return LedgerDecision(None, totals)
-            ((reservation_id,),) = await conn.execute_fetchall(
-                "INSERT INTO budget_ledger (provider, reserved_tokens, reserved_nanousd, at, "
-                "day_start, month_start, month_end) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (provider, tokens, nanousd, at, w.day_start, w.month_start, w.month_end),
-            )
-            await conn.executemany(
-                _ADD,
-                [
-                    (provider, "day", w.day_start, w.day_end, tokens, nanousd),
-                    (provider, "month", w.month_start, w.month_end, tokens, nanousd),
-                ],
-            )
+            row = (provider, tokens, nanousd, at, w.day_start, w.month_start, w.month_end)
+            ((reservation_id,),) = await conn.execute_fetchall(_RESERVE, row)
+            for kind, start, end in (
+                ("day", w.day_start, w.day_end),
+                ("month", w.month_start, w.month_end),
+            ):
+                await conn.execute_fetchall(_ADD, (provider, kind, start, end, tokens, nanousd))
             after = await self._totals(conn, provider, w.day_start, w.month_start)
             return LedgerDecision(reservation_id, after)
 
@@ -176,37 +175,22 @@ class Ledger(Engine):
         it lands the reservation counts at its reserved amount (the safe side).
         """
         outcome: list[LedgerTotals] = []
-        settle = partial(self._settle, reservation_id, tokens, nanousd, self._clock.time(), outcome)
+        at = self._clock.time()
+
+        async def settle(conn: Connection) -> None:
+            changes = await conn.execute_fetchall(_SETTLE, (at, tokens, nanousd, reservation_id))
+            for extra_tokens, extra_nanousd, provider, day, month in changes:
+                await conn.execute_fetchall(
+                    _SETTLE_WINDOWS, (extra_tokens, extra_nanousd, provider, day, month)
+                )
+                outcome.append(await self._totals(conn, provider, day, month))
+
         landed = await self.submit("budget", settle)
         return outcome[-1] if landed and outcome else None
 
-    async def _settle(
-        self,
-        reservation_id: int,
-        tokens: int | None,
-        nanousd: int | None,
-        at: float,
-        outcome: list[LedgerTotals],
-        conn: Connection,
-    ) -> None:
-        # "settled = 0": a retried settlement (or a second one) changes nothing.
-        rows = await conn.execute_fetchall(
-            "UPDATE budget_ledger SET settled = 1, actual_tokens = coalesce(?, reserved_tokens), "
-            "actual_nanousd = coalesce(?, reserved_nanousd), settled_at = ? "
-            "WHERE id = ? AND settled = 0 RETURNING provider, day_start, month_start, "
-            "actual_tokens - reserved_tokens, actual_nanousd - reserved_nanousd",
-            (tokens, nanousd, at, reservation_id),
-        )
-        for provider, day, month, extra_tokens, extra_nanousd in rows:
-            await conn.execute_fetchall(
-                f"UPDATE budget_windows SET tokens = tokens + ?, nanousd = nanousd + ? WHERE {_PAIR}",
-                (extra_tokens, extra_nanousd, provider, day, month),
-            )
-            outcome.append(await self._totals(conn, provider, day, month))
-
     async def budget_totals(self, provider: str, windows: LedgerWindows) -> LedgerTotals | None:
         """What the windows have used so far (None when the database cannot be read)."""
-        query = partial(
-            self._totals, provider=provider, day=windows.day_start, month=windows.month_start
+        day, month = windows.day_start, windows.month_start
+        return await self.read(
+            "budget", lambda conn: self._totals(conn, provider, day, month), None
         )
-        return await self.read("budget", query, None)
