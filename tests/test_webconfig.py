@@ -235,7 +235,7 @@ INVALID = [
     ("tls_server_config:\n  certfile: x\n",
      f"tls_server_config.certfile: unknown key (expected one of {TLS_KEYS})"),
     ("basic_auth_users:\n  a: " + HASH + "\nbasic_auth_users:\n  b: " + HASH + "\n",
-     'duplicate key "basic_auth_users" at line 3'),
+     'invalid YAML at line 3, column 1: duplicate key "basic_auth_users"'),
     ("tls_server_config: [\n", "invalid YAML at line 2, column 1: expected the node content, "
      "but found '<stream end>'"),
     ("tls_server_config:\n  cert_file: 5\n  key_file: {key}\n",
@@ -627,7 +627,7 @@ async def test_mtls_client_allowed_sans(tmp_path: Path, pki: Pki) -> None:
 
 
 def test_ip_sans_compare_like_go() -> None:
-    from exporter.webconfig import _peer_has_allowed_san
+    from exporter.webconfig.tls import _peer_has_allowed_san
 
     cert = {"subjectAltName": (("IP Address", "2001:DB8:0:0:0:0:0:1\n"), ("DNS", "a.example"))}
     assert _peer_has_allowed_san(cert, frozenset({"2001:db8::1"}))
