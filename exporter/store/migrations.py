@@ -25,7 +25,8 @@ class SchemaTooNewError(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    version: int
+    """One schema step; its version is its place in the list (``MIGRATIONS[0]`` is 1)."""
+
     name: str
     statements: tuple[str, ...]
 
@@ -36,7 +37,6 @@ class Migration:
 # of every ledger insert/settle: the check reads one row per window, and retention can delete
 # old ledger rows without changing what the current windows have used.
 _INITIAL = Migration(
-    1,
     "initial schema",
     (
         """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
@@ -125,37 +125,32 @@ async def migrate(
 ) -> int:
     """Bring the schema up to date (``conn`` in autocommit mode); return the version after.
 
-    Raises ``SchemaTooNewError`` for a file from a newer exporter, ``StoreError`` for an
-    inconsistent migration list, sqlite3 errors when a statement fails (that migration is
-    rolled back; earlier ones stay applied).
+    Raises ``SchemaTooNewError`` for a file from a newer exporter, sqlite3 errors when a
+    statement fails (that migration is rolled back; earlier ones stay applied).
     """
-    for index, migration in enumerate(migrations, start=1):
-        if migration.version != index:
-            raise StoreError(
-                f"migration {migration.name!r} is numbered {migration.version}, expected {index}"
-            )
     latest = len(migrations)
     if (version := await schema_version(conn)) > latest:
         raise _too_new(version, latest)
-    for migration in migrations[version:]:
-        await atomically(conn, partial(_apply, migration=migration, now=now, latest=latest))
+    for number, migration in enumerate(migrations[version:], start=version + 1):
+        step = partial(_apply, migration=migration, number=number, now=now, latest=latest)
+        await atomically(conn, step)
     return await schema_version(conn)
 
 
 async def _apply(
-    conn: aiosqlite.Connection, *, migration: Migration, now: float, latest: int
+    conn: aiosqlite.Connection, *, migration: Migration, number: int, now: float, latest: int
 ) -> None:
     # Re-read under the write lock: another process may have migrated meanwhile.
     if (current := await schema_version(conn)) > latest:
         raise _too_new(current, latest)
-    if current >= migration.version:
+    if current >= number:
         return
     await conn.execute_fetchall(_AUDIT_TABLE)
     for statement in migration.statements:
         await conn.execute_fetchall(statement)
-    # PRAGMA takes no bound parameters; the version is an int we control.
-    await conn.execute_fetchall(f"PRAGMA user_version = {int(migration.version)}")
+    # PRAGMA takes no bound parameters; the number is an int we control.
+    await conn.execute_fetchall(f"PRAGMA user_version = {number}")
     await conn.execute_fetchall(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-        (migration.version, migration.name, now),
+        (number, migration.name, now),
     )
