@@ -27,7 +27,8 @@ typecheck: bootstrap
 pytest: bootstrap
 	$(VENV)/pytest
 
-## make demo: start the bundled SIMULATOR (not a real LLM provider) and probe it.
+## make demo: the exporter probing the bundled SIMULATOR (not a real LLM provider), with
+## Prometheus, Alertmanager and Grafana where their binaries are installed (scripts/demo.py).
 demo: bootstrap
 	./scripts/demo.sh
 
@@ -38,3 +39,4 @@ bench: bootstrap
 	$(VENV)/python -m benchmarks.scrape
 	$(VENV)/python -m benchmarks.exporter_load
 	$(VENV)/python -m benchmarks.api_load_ttft
+	$(VENV)/python -m benchmarks.proxy

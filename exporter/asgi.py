@@ -180,8 +180,11 @@ async def serve_asgi(
     graceful_timeout: float = 5.0,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    date_header: bool = True,
 ) -> AsyncIterator[BoundAddress]:
-    """Serve ``app`` until the context exits; yields the address actually bound."""
+    """Serve ``app`` until the context exits; yields the address actually bound.
+
+    ``date_header=False`` leaves the Date header to the app (a proxy passes the upstream's)."""
     # An accept loop out of descriptors, a client resetting mid-request: the same line
     # thousands of times a second would fill the disk, so each is printed once a minute.
     limit_repeated_logs("asyncio", "uvicorn.error", "exporter.server", "exporter.webconfig")
@@ -196,6 +199,7 @@ async def serve_asgi(
         # Our handlers set their own headers; the Server header advertises nothing useful.
         server_header=False,
         http=_guarded_protocol(_Guard(max_connections, header_timeout)),
+        date_header=date_header,
     )
     if ssl_context is not None:
         # uvicorn builds its own context from file names; we supply ours directly.

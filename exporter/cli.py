@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import anyio
 
 from exporter import __version__
+from exporter.exits import EXIT_USAGE, run_command
 
 
 def _configure_logging(level: str) -> None:
@@ -25,6 +26,7 @@ def _configure_logging(level: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from exporter import probe_cli
+    from exporter.cli_args import KEY_HELP
     from exporter.simulator import cli as simulator_cli
 
     parser = argparse.ArgumentParser(
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run probes once against one model and print the evidence",
         description="The cache microscope: run probes once against one model, print every "
         "request's tokens, cached tokens and timings, and curl commands that replay them. "
-        "The key is read from PCE_API_KEY or the API's conventional variable "
-        "(OPENAI_API_KEY, VENICE_API_KEY, ANTHROPIC_API_KEY).",
+        f"{KEY_HELP} Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no "
+        "verdict, 130 interrupted, 141 output closed.",
     )
     probe_cli.add_arguments(probe)
 
@@ -88,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send -n requests at concurrency -c, each with the run's shared prefix and "
         "its own suffix, and report latency and time to first token cold vs warm, the hit "
         "ratio under load, statuses, errors and 429s. The estimated cost is printed first, "
-        "and a run over --max-total-tokens is refused before anything is sent. The key is "
-        "read as for probe.",
+        f"and a run over --max-total-tokens is refused before anything is sent. {KEY_HELP} "
+        "Exit status: 0 caching held, 1 it did not, 2 usage error or refused by the cap, 3 no "
+        "verdict, 130 interrupted, 141 output closed.",
     )
     loadtest_cli.add_arguments(loadtest)
     return parser
@@ -111,37 +114,39 @@ def check_config(path: str | None) -> int:
             load_web_config(web_config)
     except (ConfigError, WebConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: RET503 - parser.error exits
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit statuses are documented in exporter.exits and the README."""
+    return run_command(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:  # noqa: RET503 - parser.error exits
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
-    try:
-        if args.command == "probe":
-            from exporter import probe_cli
+    if args.command == "probe":
+        from exporter import probe_cli
 
-            return anyio.run(probe_cli.run, args)
-        if args.command == "simulate":
-            from exporter.simulator import cli as simulator_cli
+        return anyio.run(probe_cli.run, args)
+    if args.command == "simulate":
+        from exporter.simulator import cli as simulator_cli
 
-            return simulator_cli.main(args)
-        if args.command == "run":
-            from exporter import daemon
+        return simulator_cli.main(args)
+    if args.command == "run":
+        from exporter import daemon
 
-            return daemon.main(args.config)
-        if args.command == "check-config":
-            return check_config(args.config)
-        if args.command == "history":
-            from exporter import history_cli
+        return daemon.main(args.config)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "history":
+        from exporter import history_cli
 
-            return anyio.run(history_cli.run, args)
-        if args.command == "loadtest":
-            from exporter.loadtest import cli as loadtest_cli
+        return anyio.run(history_cli.run, args)
+    if args.command == "loadtest":
+        from exporter.loadtest import cli as loadtest_cli
 
-            return anyio.run(loadtest_cli.run, args)
-    except KeyboardInterrupt:
-        return 130
+        return anyio.run(loadtest_cli.run, args)
     parser.error(f"unknown command {args.command!r}")  # exits with status 2

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,9 +28,11 @@ from exporter import __version__
 from exporter.budget import Budget
 from exporter.clock import SystemClock
 from exporter.config import Config, ConfigError, load_config
+from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since, listen_error
 from exporter.memtrim import configure_allocator
 from exporter.metrics import ExporterCollector, build_registry
 from exporter.probes import PROBE_NAMES
+from exporter.proxy import ProxyListenError, serve_proxies
 from exporter.recorder import Recorder
 from exporter.runtime import budget_limits
 from exporter.scheduler import Scheduler
@@ -38,7 +42,7 @@ from exporter.store import Store, StoreError
 from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
 
 log = logging.getLogger(__name__)
-EXIT_CONFIG = 2
+EXIT_CONFIG = EXIT_USAGE
 # Settings read once at start: a reload that changes them says so instead of ignoring them.
 RESTART_SETTINGS = ("server.listen", "server.web_config_file", "storage.path")
 
@@ -51,6 +55,27 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
             changed.append(dotted)
     return changed
+
+
+def first_busy_listener(config: Config) -> str | None:
+    """``<field>: cannot listen on …`` for the first listen address already taken, else None.
+
+    A bind with SO_REUSEADDR, as uvicorn's, closed at once: a port that another process
+    takes in the moment after is still reported by the servers themselves.
+    """
+    listeners = [("server.listen", config.server.host, config.server.port)]
+    listeners += [(f"proxies.{p.name}.listen", p.host, p.port) for p in config.proxies]
+    for field, host, port in listeners:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+        except OSError as exc:
+            return f"{field}: {listen_error(host, port, exc)}"
+    return None
 
 
 class Daemon:
@@ -136,14 +161,20 @@ class Daemon:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         self.config = config
+        if (busy := first_busy_listener(config)) is not None:
+            # Checked before anything starts or logs, so a busy port is the one line printed.
+            print(f"error: {busy}", file=sys.stderr)
+            return EXIT_USAGE
         logging.getLogger().setLevel(config.log_level.upper())
+        threads = set(threading.enumerate())
         try:
             self.store = await Store.open(
                 config.storage.path, clock=self.clock, on_error=self._store_error
             )
         except (StoreError, OSError) as exc:
-            print(f"error: storage.path: cannot open the database: {exc}", file=sys.stderr)
-            return 1
+            await join_threads_started_since(threads)
+            print(f"error: storage.path: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         store = self.store
         try:
             budget = Budget(store, {p.name: budget_limits(p) for p in config.providers}, self.clock)
@@ -172,11 +203,26 @@ class Daemon:
                     probe_names=PROBE_NAMES,
                     version=__version__,
                 )
-                async with serve(
-                    app, host=config.server.host, port=config.server.port, web_config=web
-                ) as address:
-                    log.info("prompt-cache-exporter %s serving on %s", __version__, address.url)
-                    await self._supervise()
+                host, port = config.server.host, config.server.port
+                listening = False
+                try:
+                    async with serve(app, host=host, port=port, web_config=web) as address:
+                        listening = True
+                        async with serve_proxies(config, registry):
+                            await self._supervise(address.url)
+                except OSError as exc:
+                    if listening:
+                        raise
+                    print(f"error: server.listen: {listen_error(host, port, exc)}", file=sys.stderr)
+                    return EXIT_USAGE
+                except (ProxyListenError, BaseExceptionGroup) as exc:
+                    # A proxy listener starts inside a task group: its bind error may come
+                    # wrapped in a group.
+                    found = ProxyListenError.find(exc)
+                    if found is None:
+                        raise
+                    print(f"error: {found}", file=sys.stderr)
+                    return EXIT_USAGE
         finally:
             pending = await store.flush()
             if pending:
@@ -185,12 +231,14 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, url: str) -> None:
         scheduler = self.scheduler
         assert scheduler is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(scheduler.run)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                # Only now: "serving on" promises that Ctrl-C and SIGTERM stop it gracefully.
+                log.info("prompt-cache-exporter %s serving on %s", __version__, url)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         await self.reload()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from typing import TextIO
 
 from exporter import reports
 from exporter.clock import SystemClock
 from exporter.config import ConfigError, load_config
 from exporter.durations import parse_duration
+from exporter.exits import EXIT_FAILURE, EXIT_USAGE, join_threads_started_since
 from exporter.probes import PROBE_NAMES
 from exporter.store import Store, StoreError
 
@@ -40,10 +42,11 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         output = reports.check_output(args.output)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not config.storage.path.exists():
         print(f"error: storage.path: no database at {config.storage.path}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
+    threads = set(threading.enumerate())
     try:
         async with await Store.open(config.storage.path, clock=SystemClock()) as store:
             runs = await store.recent_runs(
@@ -53,9 +56,10 @@ async def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
                 limit=args.limit,
                 since=since,
             )
-    except StoreError as exc:
+    except (StoreError, OSError) as exc:
+        await join_threads_started_since(threads)
         print(f"error: storage.path: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     query = reports.HistoryQuery(args.provider, args.model, args.probe, since, args.limit)
     report = reports.HistoryReport(reports.ReportInfo(SystemClock().time()), runs, query)
     reports.write_report(reports.render_history(args.format, report), output, out)

@@ -5,23 +5,24 @@ first token) and curl commands that replay them exactly. Request bodies are writ
 evidence directory; the commands read the key from an environment variable, so nothing
 printed contains it.
 
+Rows appear as each request completes and every wait says what it is for (exporter.
+probe_progress). The live table is the text report when it goes to stdout; with another
+format (``--json``, ``--format json|csv|html``) or ``--output FILE`` the progress goes to
+stderr and the report, rendered by exporter.reports, is the only thing on stdout or in
+the file.
+
 Exit status: 0 caching works, 1 it does not, 2 usage or configuration error, 3 no verdict
-(the API reports no cache fields, or requests failed).
+(the API reports no cache fields, or requests failed), 130 interrupted, 141 the reader of
+the output went away.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import io
-import json
 import os
-import re
 import sys
-import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -30,19 +31,24 @@ from pydantic import ValidationError
 
 from exporter import reports
 from exporter.assembly import build_adapter, retry_policy
+from exporter.cli_args import (
+    Target,
+    UsageError,
+    add_target_arguments,
+    duration_arg,
+    resolve_target,
+)
 from exporter.clock import SystemClock
 from exporter.config import HttpConfig, ProbesConfig, ProviderConfig, format_validation_error
 from exporter.durations import format_duration, parse_duration
+from exporter.exits import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_NO_VERDICT, EXIT_OK, EXIT_USAGE
+from exporter.probe_progress import Progress, ProgressClock
 from exporter.probes import PROBE_NAMES, ProbeContext, ProbeSettings, run_probe
 from exporter.prompts import PromptFactory
-from exporter.providers import ADAPTERS, adapter_class
 from exporter.providers.base import HttpRequest, ProviderAdapter
+from exporter.reports import text as text_report
 from exporter.results import ProbeResult, RequestRecord
 from exporter.transport import RetryPolicy, Transport
-
-EXIT_WORKS, EXIT_BROKEN, EXIT_USAGE, EXIT_NO_VERDICT = 0, 1, 2, 3
-GENERIC_KEY_VAR = "PCE_API_KEY"
-
 
 # Defaults come from the configuration models, so `probe` and `run` behave alike.
 _HTTP = HttpConfig()
@@ -50,16 +56,8 @@ _PROBES = ProbesConfig()
 _PROVIDER_FIELDS = ProviderConfig.model_fields
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line, exit status 2."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", help="API base URL, e.g. https://api.venice.ai/api/v1")
-    parser.add_argument("--model", required=True, help="model id to probe")
-    parser.add_argument(
-        "--provider-type", default="openai", choices=sorted(ADAPTERS), help="API family"
-    )
+    add_target_arguments(parser, model_help="model id to probe")
     parser.add_argument(
         "--probe",
         default="basic",
@@ -100,49 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the prompt filler")
     parser.add_argument(
         "--evidence-dir",
-        help="where request bodies for the curl commands go (default: a new temp dir for "
-        "the text report; other formats write none unless this is given)",
+        help="where request bodies for the curl commands go (default: for the text report, a "
+        "new directory under $XDG_CACHE_HOME/prompt-cache-exporter/probe, or ~/.cache/..., "
+        f"keeping the last {reports.KEEP_EVIDENCE_RUNS} runs; other formats write none unless "
+        "this is given)",
     )
-
-
-@dataclass(slots=True)
-class _Evidence:
-    """Request bodies on disk (identical bodies share a file) and the curl commands."""
-
-    directory: Path | None
-    key_var: str | None
-    commands: list[tuple[str, str]] = field(default_factory=list)  # (label, command)
-    _files: dict[str, Path] = field(default_factory=dict)
-    sent: list[tuple[str, HttpRequest]] = field(default_factory=list)  # for the HTML report
-
-    def add(self, probe: str, request: HttpRequest, record: RequestRecord) -> None:
-        self.sent.append((f"{probe}: {record.label}", request))
-        if self.directory is None:
-            return
-        body = json.dumps(request.json, indent=1, ensure_ascii=False)
-        digest = hashlib.sha256(body.encode()).hexdigest()
-        path = self._files.get(digest)
-        if path is None:
-            slug = re.sub(r"[^a-z0-9]+", "-", f"{probe} {record.label}".lower()).strip("-")
-            path = self.directory / f"{len(self._files) + 1:02d}-{slug}.json"
-            path.write_text(body, encoding="utf-8")
-            self._files[digest] = path
-        self.commands.append((f"{probe}: {record.label}", self._curl(request, path)))
-
-    def _curl(self, request: HttpRequest, path: Path) -> str:
-        return reports.curl_command(request, self.key_var, body_file=path)
-
-
-def resolve_key(
-    adapter_cls: type[ProviderAdapter], env: Mapping[str, str], base_url: str = ""
-) -> tuple[str | None, str | None]:
-    """(key, variable name) from PCE_API_KEY or the API's conventional variables (for
-    OpenAI-compatible URLs, only a known host's own variable)."""
-    for var in filter(None, (GENERIC_KEY_VAR, adapter_cls.key_env_for(base_url))):
-        value = env.get(var)
-        if value:
-            return value, var
-    return None, None
 
 
 def _parse_sizes(text: str) -> dict[str, int]:
@@ -167,37 +127,21 @@ def _parse_delays(text: str) -> tuple[float, ...]:
     return delays
 
 
-def _duration_arg(name: str, text: str) -> float:
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(f"--{name}: {exc}") from None
-    if value <= 0:
-        raise UsageError(f"--{name}: must be positive")
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class _Plan:
+    target: Target
     adapter: ProviderAdapter
     probes: list[str]
     settings: ProbeSettings
     policy: RetryPolicy
     deadline: float
-    key_var: str | None
 
 
 def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
-    cls = adapter_class(args.provider_type)
-    base_url = args.base_url or cls.default_base_url
-    if not base_url:
-        raise UsageError("--base-url is required for --provider-type openai")
-    if not re.match(r"^https?://[^\s/]+", base_url):
-        raise UsageError(f"--base-url: not an http(s) URL: {base_url!r}")
+    target = resolve_target(args, env)
     for name in ("attempts", "persistence_requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
-    _key, key_var = resolve_key(cls, env, base_url)
     settings = ProbeSettings(
         sizes=_parse_sizes(args.sizes),
         persistence_requests=max(2, args.persistence_requests),
@@ -209,8 +153,8 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
             {
                 "name": "probe",
                 "type": args.provider_type,
-                "base_url": base_url,
-                "api_key_env": key_var or "",
+                "base_url": target.base_url,
+                "api_key_env": target.key_var or "",
                 "min_cacheable_tokens": args.min_cacheable_tokens,
                 "warmup_repeats": args.warmup_repeats,
                 "stream": not args.no_stream,
@@ -219,25 +163,25 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
         )
         http = HttpConfig(
             attempts=args.attempts,
-            backoff=_duration_arg("backoff", args.backoff),
-            backoff_max=_duration_arg("backoff-max", args.backoff_max),
-            timeout=_duration_arg("timeout", args.timeout),
+            backoff=duration_arg("backoff", args.backoff),
+            backoff_max=duration_arg("backoff-max", args.backoff_max),
+            timeout=duration_arg("timeout", args.timeout),
         )
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc)) from None
     adapter = build_adapter(provider, env)
     policy = retry_policy(http)
     probes = list(PROBE_NAMES) if args.probe == "all" else [args.probe]
-    deadline = _duration_arg("deadline", args.deadline)
-    return _Plan(adapter, probes, settings, policy, deadline, key_var)
+    deadline = duration_arg("deadline", args.deadline)
+    return _Plan(target, adapter, probes, settings, policy, deadline)
 
 
 def exit_status(results: list[ProbeResult]) -> int:
     verdicts = [r.caching_works for r in results]
     if any(v is False for v in verdicts):
-        return EXIT_BROKEN
+        return EXIT_FAILURE
     if any(v is True for v in verdicts):
-        return EXIT_WORKS
+        return EXIT_OK
     return EXIT_NO_VERDICT
 
 
@@ -255,51 +199,77 @@ async def run(
         plan = _plan(args, env)
         fmt = _format(args)
         output = reports.check_output(args.output)
-    except (UsageError, ValueError) as exc:
+    except ValueError as exc:  # UsageError, OutputError, a bad number
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
+    key_var = plan.target.key_var
+    if (warning := plan.target.missing_key_warning()) is not None:
+        print(warning, file=err)
     evidence_dir: Path | None = None
     if args.evidence_dir:
         evidence_dir = Path(args.evidence_dir)
         evidence_dir.mkdir(parents=True, exist_ok=True)
     elif fmt == "text":
-        evidence_dir = Path(tempfile.mkdtemp(prefix="pce-probe-"))
-    evidence = _Evidence(evidence_dir, plan.key_var)
+        evidence_dir = reports.new_evidence_dir(env, "probe")
     clock = SystemClock()
+    # The live table is the report when it goes to stdout; otherwise stdout (or the file)
+    # carries the report alone and the progress goes to stderr.
+    live = fmt == "text" and output is None
+    progress = Progress(out if live else err, clock=clock, ttl_delays=plan.settings.ttl_delays)
+    progress.line(text_report.probe_target(args.provider_type, plan.adapter.base_url, args.model))
     results: list[ProbeResult] = []
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
-        transport = Transport(client, policy=plan.policy, clock=clock)
-        for name in plan.probes:
-            ctx = ProbeContext(
-                provider=args.provider_type,
-                model=args.model,
-                adapter=plan.adapter,
-                transport=transport,
-                prompts=PromptFactory(seed=args.seed),
-                clock=clock,
-                settings=plan.settings,
-                on_request=functools.partial(evidence.add, name),
+    sent: list[tuple[str, HttpRequest]] = []
+    with progress.scope:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+            transport = Transport(
+                client,
+                policy=plan.policy,
+                clock=ProgressClock(clock, progress, retries=True),
+                on_wait=progress.retry_planned,
             )
-            results.append(await run_probe(name, ctx, deadline=plan.deadline))
+            for name in plan.probes:
+                progress.start_probe(name)
+
+                def on_request(
+                    request: HttpRequest, record: RequestRecord, probe: str = name
+                ) -> None:
+                    sent.append((f"{probe}: {record.label}", request))
+                    progress.request_done(record)
+
+                ctx = ProbeContext(
+                    provider=args.provider_type,
+                    model=args.model,
+                    adapter=plan.adapter,
+                    transport=transport,
+                    prompts=PromptFactory(seed=args.seed),
+                    clock=ProgressClock(clock, progress, retries=False),
+                    settings=plan.settings,
+                    on_request=on_request,
+                )
+                result = await run_probe(name, ctx, deadline=plan.deadline)
+                results.append(result)
+                progress.probe_done(result)
+    if progress.closed:
+        return EXIT_BROKEN_PIPE
     status = exit_status(results)
-    if fmt == "text":
-        buffer = io.StringIO()
-        _print_report(buffer, plan.adapter, args.model, results, evidence)
-        text = buffer.getvalue()
-    else:
-        report = reports.ProbeReport(
-            info=reports.ReportInfo(generated_at=clock.time()),
-            provider_type=args.provider_type,
-            base_url=plan.adapter.base_url,
-            model=args.model,
-            exit_status=status,
-            results=results,
-            replays=reports.inline_replays(evidence.sent, plan.key_var),
-            evidence_dir=str(evidence_dir) if evidence_dir else None,
-            key_var=plan.key_var,
-        )
-        text = reports.render_probe(fmt, report)
-    reports.write_report(text, output, out, err)
+    # Bodies in files for the terminal; inline in the other formats, which must stand alone.
+    on_disk = reports.file_replays(sent, key_var, evidence_dir) if evidence_dir else []
+    report = reports.ProbeReport(
+        info=reports.ReportInfo(generated_at=clock.time()),
+        provider_type=args.provider_type,
+        base_url=plan.adapter.base_url,
+        model=args.model,
+        exit_status=status,
+        results=results,
+        replays=on_disk if fmt == "text" else reports.inline_replays(sent, key_var),
+        evidence_dir=str(evidence_dir) if evidence_dir else None,
+        key_var=key_var,
+    )
+    if live:  # the rows are out already; a closed pipe now ends in run_command's 141
+        for line in text_report.probe_replay(report):
+            print(line, file=out)
+        return status
+    reports.write_report(reports.render_probe(fmt, report), output, out, err)
     return status
 
 
@@ -308,101 +278,3 @@ def _format(args: argparse.Namespace) -> str:
     if args.json and args.format not in (None, "json"):
         raise UsageError(f"--json and --format {args.format} disagree (--json is --format json)")
     return "json" if args.json else (args.format or "text")
-
-
-def _fmt_tokens(value: int | None) -> str:
-    return "-" if value is None else str(value)
-
-
-def _fmt_seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}s"
-
-
-def _fmt_hit(record: RequestRecord, no_faster: bool | None = None) -> str:
-    if not record.ok:
-        return str(record.error_type)
-    if record.hit is None:
-        return "n/r"  # the API reported no cache fields
-    if record.hit and no_faster:
-        return "hit, no faster than cold"
-    return "hit" if record.hit else "miss"
-
-
-def _print_report(
-    out: TextIO,
-    adapter: ProviderAdapter,
-    model: str,
-    results: list[ProbeResult],
-    evidence: _Evidence,
-) -> None:
-    print(f"{adapter.type_name} {adapter.base_url}  model {model}", file=out)
-    header = (
-        f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
-        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result"
-    )
-    for result in results:
-        works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
-        ratio = "-" if result.hit_ratio is None else f"{result.hit_ratio:.3f}"
-        print(
-            f"\n{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
-            f"{ratio}, run {result.run_id}, {result.duration_seconds:.2f}s)",
-            file=out,
-        )
-        if result.error:
-            print(f"  error ({result.error_type}): {result.error}", file=out)
-        if result.baseline_tokens is not None:
-            print(
-                f"  baseline: {result.baseline_tokens} cached tokens every prompt shares "
-                "(template, BOS), not counted; own = cached beyond it",
-                file=out,
-            )
-        if result.pollution:
-            print(
-                "  cache pollution: a cold request's cached tokens reached past the baseline "
-                "into the run's own prompt",
-                file=out,
-            )
-        ttft = result.ttft
-        if ttft.cold_seconds is not None or ttft.warm_seconds is not None:
-            hits = "" if ttft.hit_seconds is None else f" (hits {_fmt_seconds(ttft.hit_seconds)})"
-            print(
-                f"  ttft: cold {_fmt_seconds(ttft.cold_seconds)}, warm "
-                f"{_fmt_seconds(ttft.warm_seconds)}{hits}",
-                file=out,
-            )
-        if ttft.slow_hits:
-            print(
-                f"  ttft: {ttft.slow_hits} hit(s) no faster than the cold request before them: "
-                "the cached tokens did not save prefill time",
-                file=out,
-            )
-        for name, size in result.sizes.items():
-            size_ratio = "-" if size.hit_ratio is None else f"{size.hit_ratio:.3f}"
-            print(
-                f"  size {name} ({size.target_tokens} tokens): {size.verdict.value}, "
-                f"hit ratio {size_ratio}",
-                file=out,
-            )
-        for delay, hit in sorted(result.ttl.items()):
-            shown = "error" if hit is None else ("hit" if hit else "miss")
-            print(f"  after {delay:g}s: {shown}", file=out)
-        if result.first_miss_index is not None:
-            print(f"  first miss at request {result.first_miss_index}", file=out)
-        if result.shared_prefix_tokens is not None:
-            print(f"  shared prefix: about {result.shared_prefix_tokens} tokens", file=out)
-        print(header, file=out)
-        for i, (r, slow) in enumerate(zip(result.requests, ttft.no_faster, strict=True), 1):
-            print(
-                f"  {i:>2}  {r.label[:22]:<22} {_fmt_tokens(r.status):>6} {r.attempts:>3} "
-                f"{_fmt_tokens(r.prompt_tokens):>7} {_fmt_tokens(r.cached_tokens):>7} "
-                f"{_fmt_tokens(r.run_cached_tokens):>6} "
-                f"{_fmt_tokens(r.cache_write_tokens):>6} {_fmt_tokens(r.completion_tokens):>5} "
-                f"{_fmt_seconds(r.latency_seconds):>8} {_fmt_seconds(r.ttft_seconds):>8}  "
-                f"{_fmt_hit(r, slow)}",
-                file=out,
-            )
-    if evidence.commands:
-        key = f"; key from ${evidence.key_var}" if evidence.key_var else ""
-        print(f"\nReplay (request bodies in {evidence.directory}{key}):", file=out)
-        for label, command in evidence.commands:
-            print(f"\n# {label}\n{command}", file=out)

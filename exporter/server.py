@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import anyio
 import anyio.to_thread
@@ -243,7 +244,13 @@ def create_app(
     async def landing(request: Request) -> Response:
         if (refused := _only(request, "GET", "HEAD")) is not None:
             return refused
-        return HTMLResponse(_landing_page(version, reload is not None))
+
+        def render() -> str:
+            # The targets come from the collector (in memory, no I/O), off the event loop
+            # like a scrape, since a large registry takes a while to collect.
+            return _landing_page(version, reload is not None, registry, probes)
+
+        return HTMLResponse(await anyio.to_thread.run_sync(render, limiter=render_limiter))
 
     # Every route takes every method so the endpoint answers 405 itself, with a stable Allow.
     routes = [
@@ -548,29 +555,105 @@ def _body_allowed(scope: Scope) -> bool:
     return not chunked and not length
 
 
-def _landing_page(version: str, reload_enabled: bool) -> str:
+_LANDING_FAMILIES: Final = {
+    "llmcache_probe_success": "success",
+    "llmcache_probe_last_run_timestamp_seconds": "last_run",
+    "llmcache_caching_works": "works",
+}
+
+
+def _probe_states(
+    registry: CollectorRegistry,
+) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """(provider, model) -> probe -> {"success", "last_run", "works"}, from one collect."""
+    targets: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for family in registry.collect():
+        key = _LANDING_FAMILIES.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if {"provider", "model", "probe"} <= labels.keys():
+                target = targets.setdefault((labels["provider"], labels["model"]), {})
+                target.setdefault(labels["probe"], {})[key] = sample.value
+    return targets
+
+
+def _probe_cell(state: Mapping[str, float]) -> str:
+    if not state.get("last_run"):
+        return "not run yet"
+    if not state.get("success"):
+        return "failed"
+    works = state.get("works")
+    if works is None:
+        return "no verdict"  # e.g. the API reports no cache fields
+    return "caching works" if works else "caching broken"
+
+
+def _targets_section(registry: CollectorRegistry, probe_names: Sequence[str]) -> str:
+    try:
+        targets = _probe_states(registry)
+    except Exception:
+        log.exception("landing page: collecting the probe states failed")
+        return "<p>The probe states are unavailable (see the exporter's log).</p>"
+    if not targets:
+        return (
+            "<p>Nothing probed yet: models are discovered from each configured provider at "
+            "start, then probed on their intervals.</p>"
+        )
+    header = "".join(f"<th>{escape(p)}</th>" for p in probe_names)
+    rows = []
+    for (provider, model), probes in sorted(targets.items()):
+        query = urlencode({"provider": provider, "model": model, "limit": 10})
+        cells = "".join(
+            f"<td>{escape(_probe_cell(probes[p]))}</td>" if p in probes else "<td>-</td>"
+            for p in probe_names
+        )
+        rows.append(
+            f"<tr><td>{escape(provider)}</td><td>{escape(model)}</td>{cells}"
+            f'<td><a href="{escape("api/runs?" + query)}">runs</a></td></tr>'
+        )
+    return (
+        f"<h2>What is probed ({len(targets)} models)</h2>\n"
+        "<p>The last run of each probe, as /metrics reports it.</p>\n"
+        f"<table>\n<tr><th>provider</th><th>model</th>{header}<th>evidence</th></tr>\n"
+        + "\n".join(rows)
+        + "\n</table>"
+    )
+
+
+def _landing_page(
+    version: str, reload_enabled: bool, registry: CollectorRegistry, probe_names: Sequence[str]
+) -> str:
     # Relative links, so the page works behind a reverse proxy that adds a path prefix.
     # No inline script or style: a strict Content-Security-Policy from the web config holds.
     links = [
-        ("metrics", "Metrics", "Prometheus exposition"),
+        ("metrics", "Metrics", "Prometheus exposition: scrape this"),
         ("healthz", "Health", "liveness"),
         ("readyz", "Readiness", "store and scheduler state, JSON"),
-        ("api/runs", "Runs", "recent probe runs and their evidence, JSON"),
+        ("api/runs", "Runs", "recent probe runs with every request's evidence, JSON"),
     ]
     items = "\n".join(
         f'<li><a href="{href}">{escape(title)}</a> ({escape(note)})</li>'
         for href, title, note in links
     )
     reload_note = (
-        "<p>Configuration reload: <code>POST -/reload</code>.</p>" if reload_enabled else ""
+        "<p>Configuration reload: <code>POST -/reload</code> (or SIGHUP).</p>"
+        if reload_enabled
+        else ""
     )
+    targets = _targets_section(registry, probe_names)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{EXPORTER_NAME}</title>\n</head>\n<body>\n"
         f"<h1>{EXPORTER_NAME}</h1>\n"
-        "<p>Prometheus exporter that probes LLM chat-completion APIs and measures whether "
-        "prompt caching works.</p>\n"
-        f"<p>Version: {escape(version)}</p>\n"
-        f"<ul>\n{items}\n</ul>\n{reload_note}\n</body>\n</html>\n"
+        "<p>A Prometheus exporter that probes LLM chat-completion APIs on its own schedule "
+        "and measures whether prompt caching works: hit ratios, prompt sizes, shared "
+        "prefixes, persistence and TTL, with tokens, spend and budget. Every value comes "
+        "from the last probe run; a scrape never calls a provider.</p>\n"
+        "<p>Point Prometheus at <code>/metrics</code>; the project's alerting rules and "
+        "Grafana dashboards (prometheus/ and grafana/ in the repository) read it.</p>\n"
+        f"<ul>\n{items}\n</ul>\n{reload_note}\n{targets}\n"
+        f"<p>Version {escape(version)}</p>\n</body>\n</html>\n"
     )

@@ -24,7 +24,7 @@ import logging
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import httpx
@@ -55,6 +55,9 @@ RETRYABLE_ERRORS = frozenset(
 
 
 _HTTP = HttpConfig()  # the defaults live in the configuration model
+
+# Why the transport waits before a retry: the server's Retry-After, or our own backoff.
+WaitReason = Literal["retry_after", "backoff"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +163,15 @@ class Transport:
         policy: RetryPolicy | None = None,
         clock: Clock,
         throttle: Callable[[], Awaitable[None]] | None = None,
+        on_wait: Callable[[float, WaitReason], None] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy or RetryPolicy()
         self.clock = clock
         self._throttle = throttle
+        # Told of each wait before a chat request's retry, just before the clock sleeps it:
+        # live output says what it waits for (the probe command's progress).
+        self._on_wait = on_wait
 
     async def complete(
         self,
@@ -202,12 +209,15 @@ class Transport:
             status = attempt.status
             if status is not None and status >= 400 and status not in RETRYABLE_STATUSES:
                 return result
-            wait = self._wait_before_retry(attempt, attempt_no)
-            if wait is None:
+            planned = self._wait_before_retry(attempt, attempt_no)
+            if planned is None:
                 result.error = f"{result.error} (Retry-After exceeds {policy.max_retry_after:g}s)"
                 return result
+            wait, reason = planned
             result.waits.append(wait)
             log.debug("retrying %s in %.1fs after %s", request.url, wait, attempt.error_type)
+            if self._on_wait is not None:
+                self._on_wait(wait, reason)
             await self.clock.sleep(wait)
         return result
 
@@ -229,13 +239,15 @@ class Transport:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _wait_before_retry(self, attempt: _Attempt, attempt_no: int) -> float | None:
+    def _wait_before_retry(
+        self, attempt: _Attempt, attempt_no: int
+    ) -> tuple[float, WaitReason] | None:
         retry_after = attempt.meta.retry_after
         if retry_after is not None and attempt.error_type is ErrorType.RATE_LIMIT:
             if retry_after > self.policy.max_retry_after:
                 return None
-            return retry_after
-        return self.policy.backoff_for(attempt_no)
+            return retry_after, "retry_after"
+        return self.policy.backoff_for(attempt_no), "backoff"
 
     @staticmethod
     def _copy(attempt: _Attempt, result: Exchange) -> None:

@@ -22,6 +22,13 @@ from exporter.transport import RetryPolicy, Transport
 FAST_RETRIES = RetryPolicy(attempts=3, backoff=0.01, backoff_max=0.04, timeout=10.0)
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """probe and loadtest keep request bodies under the user's cache directory: a test's
+    (and its child processes') go to a temporary one instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     # aiosqlite and uvicorn are asyncio-only.

@@ -32,8 +32,10 @@ PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 LINKS_RULES = PROMETHEUS_DIR / "rules" / "links.yml"
 RECORDING_RULES = PROMETHEUS_DIR / "rules" / "recording.yml"
 ALERTING_RULES = PROMETHEUS_DIR / "rules" / "alerts.yml"
+# Recording rules and alerts on proxied traffic, in one file (docs/proxy.md).
+TRAFFIC_RULES = PROMETHEUS_DIR / "rules" / "traffic.yml"
 # Every rule file Prometheus loads, in the order of prometheus.yml.
-RULE_FILES = (LINKS_RULES, RECORDING_RULES, ALERTING_RULES)
+RULE_FILES = (LINKS_RULES, RECORDING_RULES, ALERTING_RULES, TRAFFIC_RULES)
 RULE_TESTS_DIR = PROMETHEUS_DIR / "tests"
 ALERTMANAGER_CONFIG = PROMETHEUS_DIR / "alertmanager.yml"
 DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
@@ -522,17 +524,24 @@ def link_bases() -> dict[str, str]:
 
 
 def recording_rules() -> list[dict[str, Any]]:
-    """The recording rules of links.yml and recording.yml."""
+    """The recording rules of links.yml, recording.yml and traffic.yml."""
     return [
         rule
-        for path in (LINKS_RULES, RECORDING_RULES)
+        for path in (LINKS_RULES, RECORDING_RULES, TRAFFIC_RULES)
         for group in rule_groups(path)
         for rule in group["rules"]
+        if "record" in rule
     ]
 
 
 def alerting_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups(ALERTING_RULES) for rule in group["rules"]]
+    return [
+        rule
+        for path in (ALERTING_RULES, TRAFFIC_RULES)
+        for group in rule_groups(path)
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
 
 
 def rule_exprs() -> list[tuple[str, str]]:

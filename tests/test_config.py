@@ -31,7 +31,7 @@ KEY = "sk-test-THIS-MUST-NEVER-BE-PRINTED-4242"
 # "{path}" stands for the fixture's path as passed to load_config.
 INVALID: dict[str, str] = {
     "unknown-key-top": "colour: unknown key",
-    "unknown-key-nested": "http.timeuot: unknown key",
+    "unknown-key-nested": 'http.timeuot: unknown key (did you mean "timeout"?)',
     "api-key-in-file": (
         "providers[0].api_key: unknown key (API keys are never read from the config file: "
         "set api_key_env to the name of the environment variable that holds the key)"
@@ -48,8 +48,8 @@ INVALID: dict[str, str] = {
     "probe-timeout": "probes.basic.timeout: must be shorter than the interval (5m)",
     "ttl-not-increasing": "probes.ttl.delays: must be strictly increasing (5s follows 10s)",
     "ttl-too-long": (
-        "probes.ttl.delays: the delays add up to 1m10s, which does not fit in the probe "
-        "timeout (1m)"
+        "probes.ttl.delays: the longest delay (1m) does not fit in the probe timeout (1m); "
+        "a run takes about the longest delay plus its requests"
     ),
     "persistence-requests": "probes.persistence.requests: must be >= 2",
     "prompt-size": "probes.prompt_sizes.sizes.small: must be > 0",
@@ -61,6 +61,9 @@ INVALID: dict[str, str] = {
     "provider-type": (
         'providers[0].type: unknown provider type "gemini" '
         "(expected one of: openai, venice, anthropic)"
+    ),
+    "provider-type-missing": (
+        "providers[0].type: required key is missing (expected one of: openai, venice, anthropic)"
     ),
     "base-url": "providers[0].base_url: must be an http:// or https:// URL with a host",
     "base-url-missing": (
@@ -365,26 +368,110 @@ def test_env_providers_as_json():
     assert [p.name for p in config.providers] == ["local"]
 
 
-def test_env_values_never_appear_in_errors():
-    secretish = "value-from-env-0xDEADBEEF"
-    cases = {
-        "PCE_SERVER__LISTEN": 'server.listen: invalid listen address "***" (expected '
-        "host:port, e.g. 127.0.0.1:9819, [::1]:9819 or :9819) "
-        "(from environment variable PCE_SERVER__LISTEN)",
-        "PCE_LOG_LEVEL": 'log_level: must be one of debug, info, warning, error (got "***") '
-        "(from environment variable PCE_LOG_LEVEL)",
-        "PCE_PROBES__BASIC__INTERVAL": 'probes.basic.interval: invalid duration "***" '
-        '(expected e.g. "500ms", "30s", "5m", "1h30m" or a number of seconds) '
-        "(from environment variable PCE_PROBES__BASIC__INTERVAL)",
-        "PCE_SERVER__NOPE": "server.nope: unknown key (from environment variable PCE_SERVER__NOPE)",
-        "PCE_PROVIDERS": "providers: invalid JSON in environment variable PCE_PROVIDERS "
-        "(list and table values must be JSON)",
+def test_env_values_are_shown_unless_they_may_be_secrets():
+    # A listen address, a log level or a duration is no secret: the message shows it.
+    shown = {
+        "PCE_SERVER__LISTEN": (
+            "127.0.0.1:99999",
+            'server.listen: invalid listen address "127.0.0.1:99999" (expected host:port, '
+            "e.g. 127.0.0.1:9819, [::1]:9819 or :9819) "
+            "(from environment variable PCE_SERVER__LISTEN)",
+        ),
+        "PCE_LOG_LEVEL": (
+            "verbose",
+            'log_level: must be one of debug, info, warning, error (got "verbose") '
+            "(from environment variable PCE_LOG_LEVEL)",
+        ),
+        "PCE_PROBES__BASIC__INTERVAL": (
+            "5 minutes",
+            'probes.basic.interval: invalid duration "5 minutes" (expected e.g. "500ms", '
+            '"30s", "5m", "1h30m" or a number of seconds) '
+            "(from environment variable PCE_PROBES__BASIC__INTERVAL)",
+        ),
+        "PCE_SERVER__NOPE": (
+            "1",
+            "server.nope: unknown key (from environment variable PCE_SERVER__NOPE)",
+        ),
     }
-    for name, expected in cases.items():
+    for name, (value, expected) in shown.items():
         with pytest.raises(ConfigError) as caught:
-            load_config(MINIMAL, env={name: secretish})
+            load_config(MINIMAL, env={name: value})
         assert str(caught.value) == expected
-        assert secretish not in str(caught.value)
+
+
+def test_env_values_that_may_be_secrets_stay_masked():
+    listen = (
+        'server.listen: invalid listen address "***" (expected host:port, e.g. '
+        "127.0.0.1:9819, [::1]:9819 or :9819) (from environment variable PCE_SERVER__LISTEN)"
+    )
+    cases = [
+        # Shaped like a key, wherever it was pasted.
+        ({"PCE_SERVER__LISTEN": KEY}, listen),
+        # The value of a variable named like a secret, even when it looks harmless.
+        ({"PCE_SERVER__LISTEN": "hunter22", "SIM_API_KEY": "hunter22"}, listen),
+        ({"PCE_SERVER__LISTEN": "hunter22:99999", "MY_TOKEN": "hunter22"}, listen),
+        # Provider tables carry URLs and headers: nothing from them is repeated.
+        (
+            {"PCE_PROVIDERS": '[{"name": "a", "type": "openai", "base_url": "x://y"}]'},
+            "providers[0].base_url: must be an http:// or https:// URL with a host "
+            "(from environment variable PCE_PROVIDERS)",
+        ),
+        (
+            {"PCE_PROVIDERS": '[{"name": "a", "type": "venice", "probes": ["p-1"]}]'},
+            'providers[0].probes: unknown probe "***" (expected one of: basic, prompt_sizes, '
+            "partial, persistence, ttl) (from environment variable PCE_PROVIDERS)",
+        ),
+        (
+            {"PCE_PROVIDERS": "[not json"},
+            "providers: invalid JSON in environment variable PCE_PROVIDERS "
+            "(list and table values must be JSON)",
+        ),
+    ]
+    for env, expected in cases:
+        with pytest.raises(ConfigError) as caught:
+            load_config(MINIMAL, env=env)
+        assert str(caught.value) == expected
+        assert KEY not in str(caught.value)
+        assert "hunter22" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[servr]\nlisten = ":1"\n', 'servr: unknown key (did you mean "server"?)'),
+        (
+            "[providers.budget]\ndaly_tokens = 1\n",
+            'providers[0].budget.daly_tokens: unknown key (did you mean "daily_tokens"?)',
+        ),
+        (
+            '[providers.prices."m-*"]\ninput = 1\noutput = 1\ncache_reed = 1\n',
+            'providers[0].prices."m-*".cache_reed: unknown key (did you mean "cache_read"?)',
+        ),
+        (
+            '[probes.ttl]\ndelay = ["1s"]\n',
+            'probes.ttl.delay: unknown key (did you mean "delays"?)',
+        ),
+        ('colour = "red"\n', "colour: unknown key"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, toml: str, expected: str):
+    provider = '[[providers]]\nname = "sim"\ntype = "openai"\nbase_url = "http://127.0.0.1:1/v1"\n'
+    path = tmp_path / "config.toml"
+    # Provider sub-tables must follow their [[providers]] header.
+    text = provider + toml if toml.startswith("[providers.") else toml + provider
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == expected
+
+
+def test_ttl_delays_need_only_the_longest_to_fit_the_timeout(tmp_path: Path):
+    # 1m + 5m + 10m = 16m: more than the 15m timeout, yet a run takes about 10m.
+    path = tmp_path / "config.toml"
+    path.write_text(MINIMAL.read_text() + '\n[probes.ttl]\ndelays = ["1m", "5m", "10m"]\n')
+    config = load_config(path, env={})
+    assert config.probes.ttl.delays == (60.0, 300.0, 600.0)
+    assert config.probes.ttl.timeout == 900.0
 
 
 def test_api_key_read_from_named_variable():
@@ -549,6 +636,19 @@ def test_openai_key_variable_defaults_by_host(tmp_path: Path, base_url: str, var
     assert provider.api_key({"OPENAI_API_KEY": "sk-x"}) == (
         "sk-x" if variable.startswith("OPENAI") else None
     )
+
+
+def test_the_documented_check_config_output_is_what_it_prints():
+    # docs/configuration.md shows check-config on examples/demo.toml; a changed default,
+    # example or summary line must change the page too (its fingerprint went stale before).
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    command = "$ prompt-cache-exporter check-config --config examples/demo.toml\n"
+    shown = docs.split(command, 1)[1].split("$ echo $?", 1)[0]
+    from exporter.forecast import ConfigForecast
+
+    status, text = check_config(ROOT / "examples" / "demo.toml", env={}, forecast=ConfigForecast)
+    assert status == 0
+    assert shown == text + "\n"
 
 
 def test_a_config_file_over_the_size_cap_is_refused_before_parsing(tmp_path: Path) -> None:

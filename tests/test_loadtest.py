@@ -145,8 +145,8 @@ async def test_text_report_shows_cold_and_warm_percentiles(sim: SimulatorHandle)
 
 
 async def test_rate_limited_429s_are_counted_and_honoured(sim: SimulatorHandle) -> None:
-    """sim-ratelimited serves one chat request in four and answers the others 429 with
-    Retry-After; every retry must come at least that long after the 429."""
+    """sim-ratelimited answers a (seeded) third of its chat requests 429 with Retry-After;
+    every retry must come at least that long after the 429."""
     proc, report = await _json_run(sim, "sim-ratelimited", "-n", "8", "-c", "4")
     assert proc.returncode in (0, 3), proc.stderr.decode()
     stats = _model_stats(sim, "sim-ratelimited")

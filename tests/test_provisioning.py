@@ -603,7 +603,12 @@ def test_prometheus_scrapes_the_exporter_and_alerts_to_alertmanager() -> None:
         for t in sc["targets"]
     ]
     assert am == ["alertmanager:9093"]
-    assert config["rule_files"] == ["rules/links.yml", "rules/recording.yml", "rules/alerts.yml"]
+    assert config["rule_files"] == [
+        "rules/links.yml",
+        "rules/recording.yml",
+        "rules/alerts.yml",
+        "rules/traffic.yml",
+    ]
     # The exporter-down alert selects the job by this name.
     down = next(r for r in pl.alerting_rules() if r["alert"] == "LLMCacheExporterDown")
     assert 'up{job="prompt-cache-exporter"}' in down["expr"]

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 
 from exporter.clock import FakeClock
+from exporter.metrics import ExporterCollector, build_registry
 from exporter.results import ErrorType, ProbeResult, RequestRecord, SizeOutcome, Verdict
 from exporter.server import (
     DependencyStatus,
@@ -30,6 +31,7 @@ from exporter.server import (
     run_to_json,
     serve,
 )
+from exporter.state import State
 from exporter.store import Store
 from exporter.webconfig import WebConfig
 
@@ -755,6 +757,39 @@ async def test_reload_not_configured_is_404() -> None:
 
 
 # --- the rest ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_landing_page_shows_what_is_probed() -> None:
+    state = State()
+    state.configure_provider("sim", probes=("basic", "ttl"), intervals={"basic": 30, "ttl": 300})
+    state.set_models("sim", ["sim-cache-ok", "sim-error", "sim-<b>"], {})
+    state.observe_result(result("r1", provider="sim", model="sim-cache-ok", finished_at=START))
+    failed = result("r2", provider="sim", model="sim-error", finished_at=START)
+    failed.verdict, failed.error_type = Verdict.ERROR, ErrorType.API_ERROR
+    state.observe_result(failed)
+    registry = build_registry(ExporterCollector(state, now=lambda: START))
+    async with running(make_app(registry=registry)) as client:
+        page = (await client.get("/")).text
+    assert "What is probed (3 models)" in page
+    rows = {
+        row.split("</td>")[1].removeprefix("<td>"): row
+        for row in page.split("<tr>")
+        if row.startswith("<td>sim</td>")
+    }
+    assert sorted(rows) == ["sim-&lt;b&gt;", "sim-cache-ok", "sim-error"]  # escaped
+    assert "<td>caching works</td>" in rows["sim-cache-ok"]
+    assert "<td>failed</td>" in rows["sim-error"]
+    assert rows["sim-cache-ok"].count("<td>not run yet</td>") == 1  # ttl
+    assert rows["sim-cache-ok"].count("<td>-</td>") == 3  # probes not configured for sim
+    assert 'href="api/runs?provider=sim&amp;model=sim-error&amp;limit=10"' in rows["sim-error"]
+
+
+@pytest.mark.anyio
+async def test_landing_page_before_anything_is_probed() -> None:
+    async with running(make_app()) as client:
+        page = (await client.get("/")).text
+    assert "Nothing probed yet" in page
 
 
 @pytest.mark.anyio

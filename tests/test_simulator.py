@@ -551,18 +551,37 @@ async def test_error_model_answers_500() -> None:
         assert sim.state.balance_diem == 10.0  # errors are not billed
 
 
-async def test_ratelimited_model_serves_every_fourth_request() -> None:
-    async with running() as (sim, client):
-        statuses = []
-        for _ in range(8):
-            response = await chat(client, "sim-ratelimited", messages(20))
-            statuses.append(response.status_code)
-            if response.status_code == 429:
-                assert response.headers["retry-after"] == "1"
-                assert response.json()["error"]["code"] == "rate_limit_exceeded"
+async def _throttled_statuses(client: httpx.AsyncClient, model: str, count: int) -> list[int]:
+    """The statuses of ``count`` chat requests; every 429 says Retry-After: 1 and why."""
+    statuses = []
+    for _ in range(count):
+        response = await chat(client, model, messages(20))
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    return statuses
+
+
+async def test_ratelimit_period_serves_every_nth_request() -> None:
+    every_4th = SimModel("sim-every-4th", ratelimit_period=4, retry_after=1.0)
+    async with running(with_models(every_4th)) as (sim, client):
+        statuses = await _throttled_statuses(client, "sim-every-4th", 8)
         assert statuses == [429, 429, 429, 200, 429, 429, 429, 200]
-        log = [(e["model_seq"], e["status"]) for e in sim.state.log_entries("sim-ratelimited", 3)]
+        log = [(e["model_seq"], e["status"]) for e in sim.state.log_entries("sim-every-4th", 3)]
         assert log == [(6, 429), (7, 429), (8, 200)]
+
+
+async def test_ratelimited_model_throttles_a_seeded_third() -> None:
+    async def statuses(seed: int) -> list[int]:
+        async with running(fast(seed=seed)) as (_, client):
+            return await _throttled_statuses(client, "sim-ratelimited", 90)
+
+    first = await statuses(42)
+    assert set(first) == {200, 429}
+    assert 20 <= first.count(429) <= 40  # a third of 90, give or take the draw
+    assert await statuses(42) == first  # the same seed, the same sequence
+    assert await statuses(7) != first
 
 
 async def test_balance_headers_fall_as_tokens_are_billed() -> None:

@@ -222,3 +222,40 @@ async def test_sse_stream_over_the_cap_is_refused() -> None:
 
     with pytest.raises(BadResponse, match="cap"):
         await _events([b"data: " + b"x" * 2000], limit=1000)
+
+
+async def test_each_retry_wait_is_announced_with_its_reason() -> None:
+    """``on_wait`` hears of every wait before a retry, just before the clock sleeps it: the
+    server's Retry-After after a 429, our own backoff after a 500 (what probe's live
+    output says while it waits)."""
+    models = (
+        SimModel("every-2nd", ratelimit_period=2, retry_after=1.0),
+        SimModel("failing", fault="error"),
+    )
+    policy = RetryPolicy(attempts=2, backoff=0.25, backoff_max=0.25, timeout=10.0)
+    clock = FakeClock()
+    told: list[tuple[float, str]] = []
+    config = SimConfig(models=models, latency_scale=0.0)
+    async with serve_simulator(config) as sim, httpx.AsyncClient() as client:
+        transport = Transport(
+            client, policy=policy, clock=clock, on_wait=lambda s, why: told.append((s, why))
+        )
+        results = []
+        for model in ("every-2nd", "failing"):
+            ctx = ProbeContext(
+                provider="sim",
+                model=model,
+                adapter=OpenAIAdapter(base_url=sim.base_url, api_key=None),
+                transport=transport,
+                prompts=PromptFactory(),
+                clock=clock,
+            )
+            results.append(await run_probe("basic", ctx))
+    throttled, failed = results
+    # Each request of every-2nd is refused once, then served after the Retry-After.
+    assert [r.attempts for r in throttled.requests] == [2, 2]
+    assert throttled.error_type is None
+    # The failing prime: one backoff, then the run ends.
+    assert failed.error_type is ErrorType.API_ERROR
+    assert told == [(1.0, "retry_after"), (1.0, "retry_after"), (0.25, "backoff")]
+    assert clock.sleeps == [1.0, 1.0, 0.25]  # told first, then slept: the same waits

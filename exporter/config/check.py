@@ -13,6 +13,7 @@ from exporter.config.errors import ConfigError, _number
 from exporter.config.fingerprint import config_fingerprint
 from exporter.config.load import load_config
 from exporter.config.providers import ProviderConfig
+from exporter.config.proxies import summary_lines
 from exporter.config.root import Config
 from exporter.durations import format_duration
 
@@ -87,6 +88,7 @@ def summarize(
             lines += forecast.provider(provider)
     if forecast is not None:
         lines += forecast.total()
+    lines += summary_lines(config.proxies)
     return "\n".join(lines)
 
 

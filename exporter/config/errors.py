@@ -13,12 +13,17 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from exporter.config.constants import ENV_PREFIX
+from exporter.config.suggest import closest_key
 
 _TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Environment variables whose values are secrets wherever else they turn up.
+_SECRET_VARIABLE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# A value shaped like an API key or token: long, no spaces or separators, letters and digits.
+_KEY_SHAPED = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9_.+=-]{20,}")
 
 
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -73,13 +78,17 @@ def format_validation_error(
     exc: ValidationError,
     env_data: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    root: type[BaseModel] | None = None,
 ) -> str:
     """One line for a pydantic ValidationError: ``path: problem`` joined with ``"; "``.
 
-    Where a key came from an environment variable the message says which one, and any string
-    taken from the environment is replaced by ``"***"`` (values of variables never appear).
+    Where a key came from an environment variable the message says which one. A value taken
+    from the environment is shown (``PCE_SERVER__LISTEN=127.0.0.1:99999`` is no secret) unless
+    it may be one: anything under ``providers``, a value shaped like a key, or the value of a
+    variable named like a secret; those read ``"***"``. With ``root`` (the model validated),
+    an unknown key gets the closest known one as "did you mean".
     """
-    env_strings = _string_leaves(env_data or {})
+    env_strings = _masked_strings(env_data or {}, environ or {})
     parts: list[str] = []
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
@@ -89,6 +98,10 @@ def format_validation_error(
         if field:
             path = f"{path}.{field}" if path else str(field)
         message = _message(error, loc)
+        if error["type"] == "extra_forbidden" and root is not None and "(" not in message:
+            suggestion = closest_key(root, loc)
+            if suggestion:
+                message += f" (did you mean {_quote(suggestion)}?)"
         for value in env_strings:
             message = message.replace(_quote(value), '"***"')
         variable = _env_variable(loc, field, environ or {})
@@ -184,6 +197,28 @@ def _env_variable(loc: tuple[Any, ...], field: Any, environ: Mapping[str, str]) 
         if candidate in upper:
             return upper[candidate]
     return None
+
+
+def _masked_strings(env_data: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:
+    """The strings from the environment that messages must not repeat."""
+    secrets = {
+        value.strip()
+        for name, value in environ.items()
+        if _SECRET_VARIABLE.search(name) and value.strip()
+    }
+    masked = _string_leaves(env_data.get("providers", ()))
+    for key, value in env_data.items():
+        if key == "providers":
+            continue
+        for text in _string_leaves(value):
+            value_text = text.strip()
+            if (
+                value_text in secrets
+                or any(len(secret) >= 8 and secret in value_text for secret in secrets)
+                or _KEY_SHAPED.fullmatch(value_text)
+            ):
+                masked.add(text)
+    return masked
 
 
 def _string_leaves(data: Any) -> set[str]:

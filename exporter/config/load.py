@@ -54,7 +54,7 @@ def load_config(path: str | Path | None, *, env: Mapping[str, str] | None = None
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, env_data, environ)) from None
+        raise ConfigError(format_validation_error(exc, env_data, environ, Config)) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

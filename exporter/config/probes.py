@@ -121,12 +121,15 @@ class TtlProbeConfig(ProbeConfig):
                     f"must be strictly increasing ({format_duration(after)} "
                     f"follows {format_duration(before)})",
                 )
-        total = sum(self.delays)
-        if total >= self.timeout:
+        # The probe sends every prime first and each repeat when its delay is up, so a run
+        # takes about the longest delay (plus its requests), not the sum of the delays.
+        longest = self.delays[-1]
+        if longest >= self.timeout:
             raise _invalid(
                 "delays",
-                f"the delays add up to {format_duration(total)}, which does not fit in the "
-                f"probe timeout ({format_duration(self.timeout)})",
+                f"the longest delay ({format_duration(longest)}) does not fit in the probe "
+                f"timeout ({format_duration(self.timeout)}); a run takes about the longest "
+                "delay plus its requests",
             )
         return self
 

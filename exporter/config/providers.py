@@ -116,13 +116,12 @@ class ProviderConfig(_Model):
             return data
         kind = data.get("type")
         if kind not in PROVIDER_TYPES:
+            # Raised here, before the fields: without a type the keys whose defaults depend
+            # on it would each report a bogus "required key is missing" too.
+            problem = "required key is missing"
             if "type" in data:
-                raise _invalid(
-                    "type",
-                    f"unknown provider type {_quote(kind)} "
-                    f"(expected one of: {', '.join(PROVIDER_TYPES)})",
-                )
-            return data
+                problem = f"unknown provider type {_quote(kind)}"
+            raise _invalid("type", f"{problem} (expected one of: {', '.join(PROVIDER_TYPES)})")
         data = dict(data)
         if data.get("base_url") is None:
             if kind not in DEFAULT_BASE_URLS:

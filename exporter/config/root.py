@@ -11,6 +11,7 @@ from exporter.config.constants import ENV_PREFIX, LOG_LEVELS
 from exporter.config.errors import _invalid, _quote
 from exporter.config.probes import ProbesConfig
 from exporter.config.providers import ProviderConfig
+from exporter.config.proxies import ProxyConfig, check_proxies
 from exporter.config.sections import HttpConfig, SchedulerConfig, ServerConfig, StorageConfig
 
 
@@ -38,6 +39,7 @@ class Config(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     providers: tuple[ProviderConfig, ...] = ()
+    proxies: tuple[ProxyConfig, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -72,6 +74,7 @@ class Config(BaseSettings):
                     f"providers[{index}].name", f"duplicate provider name {_quote(provider.name)}"
                 )
             seen.add(provider.name)
+        check_proxies(self.proxies, self.providers, self.server)
         return self
 
     def provider(self, name: str) -> ProviderConfig:

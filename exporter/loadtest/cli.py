@@ -6,9 +6,10 @@ flight are cancelled and the report covers every request that finished. The key 
 from the environment as ``probe`` reads it and never printed. Only this command runs a
 load test: the daemon never does.
 
-Exit status: 0 caching held (every warm request hit, or some did), 1 it did not, 2 usage
-error or refused by the cap, 3 no verdict (no cache fields reported, or requests failed),
-130 interrupted.
+Exit status (exporter.exits, as for the other commands): 0 caching held (every warm request
+hit, or some did), 1 it did not, 2 usage error or refused by the cap, 3 no verdict (no cache
+fields reported, or requests failed), 130 interrupted, 141 the reader of the output went
+away. Every failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import signal
 import sys
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TextIO
 
 import anyio
 
 from exporter import reports
+from exporter.cli_args import UsageError, add_target_arguments, duration_arg, resolve_target
 from exporter.clock import Clock, SystemClock
-from exporter.durations import parse_duration
+from exporter.exits import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NO_VERDICT,
+    EXIT_OK,
+    EXIT_USAGE,
+    reader_gone,
+)
 from exporter.loadtest.driver import AttemptLog, LoadDriver, make_target, open_client
 from exporter.loadtest.plan import (
     DEFAULT_MAX_TOTAL_TOKENS,
@@ -38,24 +45,17 @@ from exporter.loadtest.plan import (
     plan_load,
 )
 from exporter.loadtest.result import LoadResult
-from exporter.probe_cli import resolve_key
 from exporter.prompts import PromptFactory, new_run_id
-from exporter.providers import ADAPTERS, adapter_class
 from exporter.providers.base import BadResponse, HttpRequest, ProviderAdapter
 from exporter.results import ModelPrice, RequestRecord
 from exporter.transport import RetryPolicy, Transport, TransportError
 
-EXIT_WORKS, EXIT_BROKEN, EXIT_USAGE, EXIT_NO_VERDICT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # The models list is only read for a price; it must not hold up the run for long.
 _PRICE_POLICY = RetryPolicy(attempts=1, timeout=10.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", help="API base URL, e.g. https://api.venice.ai/api/v1")
-    parser.add_argument("--model", required=True, help="model id to load")
-    parser.add_argument(
-        "--provider-type", default="openai", choices=sorted(ADAPTERS), help="API family"
-    )
+    add_target_arguments(parser, model_help="model id to load")
     parser.add_argument(
         "-n", "--requests", type=int, required=True, metavar="REQUESTS", help="requests to send"
     )
@@ -89,12 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> LoadOptions:
-    duration = None
-    if args.duration:
-        try:
-            duration = parse_duration(args.duration)
-        except ValueError as exc:
-            raise PlanError(f"--duration: {exc}") from None
+    duration = duration_arg("duration", args.duration) if args.duration else None
     return LoadOptions(
         requests=args.requests,
         concurrency=args.concurrency,
@@ -102,19 +97,6 @@ def _options(args: argparse.Namespace) -> LoadOptions:
         shared_prefix=args.shared_prefix,
         max_total_tokens=args.max_total_tokens,
     )
-
-
-def _adapter(
-    args: argparse.Namespace, env: Mapping[str, str]
-) -> tuple[ProviderAdapter, str | None]:
-    cls = adapter_class(args.provider_type)
-    base_url = args.base_url or cls.default_base_url
-    if not base_url:
-        raise PlanError("--base-url is required for --provider-type openai")
-    if not re.match(r"^https?://[^\s/]+", base_url):
-        raise PlanError(f"--base-url: not an http(s) URL: {base_url!r}")
-    key, key_var = resolve_key(cls, env, base_url)
-    return cls(base_url=base_url, api_key=key), key_var
 
 
 async def _published_price(
@@ -163,13 +145,13 @@ class _Replays:
 
 
 def _replays(
-    fmt: str, sent: list[tuple[str, HttpRequest]], key_var: str | None
+    fmt: str, sent: list[tuple[str, HttpRequest]], key_var: str | None, env: Mapping[str, str]
 ) -> list[reports.Replay]:
     """Inline in the HTML file (it must stand alone); bodies in files for the terminal."""
     if fmt == "html":
         return reports.inline_replays(sent, key_var)
     if fmt == "text" and sent:
-        return reports.file_replays(sent, key_var, Path(tempfile.mkdtemp(prefix="pce-loadtest-")))
+        return reports.file_replays(sent, key_var, reports.new_evidence_dir(env, "loadtest"))
     return []
 
 
@@ -198,7 +180,7 @@ async def _drive(driver: LoadDriver, *, handle_signals: bool) -> bool:
 def exit_status(result: LoadResult) -> int:
     if result.stopped == "interrupted":
         return EXIT_INTERRUPTED
-    return {True: EXIT_WORKS, False: EXIT_BROKEN, None: EXIT_NO_VERDICT}[result.caching_works]
+    return {True: EXIT_OK, False: EXIT_FAILURE, None: EXIT_NO_VERDICT}[result.caching_works]
 
 
 async def run(
@@ -216,11 +198,13 @@ async def run(
     clock = clock or SystemClock()
     try:
         options = _options(args)
-        adapter, key_var = _adapter(args, env)
+        target = resolve_target(args, env)
         output = reports.check_output(args.output)
-    except (PlanError, reports.OutputError) as exc:
+    except (UsageError, PlanError, reports.OutputError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
+    adapter: ProviderAdapter = target.adapter_class(base_url=target.base_url, api_key=target.key)
+    key_var = target.key_var
     prompts = PromptFactory()
     plan = plan_load(
         options,
@@ -235,6 +219,10 @@ async def run(
     if refusal is not None:
         print(f"error: {refusal}", file=err)  # nothing has been sent
         return EXIT_USAGE
+    if output is None and reader_gone(out):
+        return EXIT_BROKEN_PIPE  # nobody would read the report: spend nothing on it
+    if (warning := target.missing_key_warning()) is not None:
+        print(warning, file=err)
     log = AttemptLog(clock)
     async with open_client(log, connections=options.concurrency) as client:
         price = await _published_price(
@@ -264,7 +252,7 @@ async def run(
     report = reports.LoadReport(
         info=reports.ReportInfo(generated_at=clock.time()),
         result=result,
-        replays=_replays(args.format, replays.ordered(), key_var),
+        replays=_replays(args.format, replays.ordered(), key_var, env),
         key_var=key_var,
     )
     reports.write_report(reports.render_load(args.format, report), output, out, err)

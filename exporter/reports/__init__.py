@@ -1,7 +1,8 @@
 """Reports of probes, load tests and history as text, JSON, CSV or one self-contained HTML file.
 
 Renderers are pure: a report value in, a string out. The commands decide where it goes
-(``write_report``). The probe's text report is the evidence table of ``exporter.probe_cli``.
+(``write_report``). The probe's text report is also printed live, row by row, by
+``exporter.probe_progress`` from the same pieces of ``exporter.reports.text``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from exporter.reports.model import (
 )
 from exporter.reports.output import (
     FORMATS,
+    KEEP_EVIDENCE_RUNS,
     OutputError,
     add_format_arguments,
     check_output,
+    new_evidence_dir,
     write_report,
 )
 
 _PROBE: dict[str, Callable[[ProbeReport], str]] = {
+    "text": text.probe_text,
     "json": tabular.probe_json,
     "csv": tabular.probe_csv,
     "html": html.probe_html,
@@ -46,7 +50,6 @@ PROBE_FORMATS = tuple(_PROBE)
 
 
 def render_probe(fmt: str, report: ProbeReport) -> str:
-    """json, csv or html (the text report is ``probe_cli``'s evidence table)."""
     return _PROBE[fmt](report)
 
 
@@ -60,6 +63,7 @@ def render_history(fmt: str, report: HistoryReport) -> str:
 
 __all__ = [
     "FORMATS",
+    "KEEP_EVIDENCE_RUNS",
     "PROBE_FORMATS",
     "HistoryQuery",
     "HistoryReport",
@@ -73,6 +77,7 @@ __all__ = [
     "curl_command",
     "file_replays",
     "inline_replays",
+    "new_evidence_dir",
     "render_history",
     "render_load",
     "render_probe",

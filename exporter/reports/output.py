@@ -4,6 +4,10 @@ A report file is written whole or not at all (a temporary file renamed into plac
 its destination is checked before the work starts, so a typo in ``--output`` fails at once
 instead of losing a finished run. Should writing fail anyway, the report goes to standard
 output instead.
+
+Request bodies that the terminal's curl commands read go to a new directory per run under
+the user's cache (``$XDG_CACHE_HOME/prompt-cache-exporter/<command>/``); only the last
+``KEEP_EVIDENCE_RUNS`` are kept, so they do not pile up the way ``/tmp/pce-probe-*`` did.
 """
 
 from __future__ import annotations
@@ -11,13 +15,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
 FORMATS: tuple[str, ...] = ("text", "json", "csv", "html")
+KEEP_EVIDENCE_RUNS = 10
+_EVIDENCE_RUN = re.compile(r"\d{8}-\d{6}-.+")
 
 
 class OutputError(ValueError):
@@ -84,3 +93,20 @@ def write_report(text: str, path: Path | None, out: TextIO, err: TextIO | None =
         out.flush()
         return
     print(f"report written to {path}", file=err or sys.stderr)
+
+
+def new_evidence_dir(env: Mapping[str, str], command: str) -> Path:
+    """A fresh directory for this run's request bodies under the user's cache directory;
+    runs beyond the last KEEP_EVIDENCE_RUNS are removed. A temp directory if there is none."""
+    try:
+        cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        home = cache / "prompt-cache-exporter" / command
+        home.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=home))
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
+        return Path(tempfile.mkdtemp(prefix=f"pce-{command}-"))
+    runs = sorted(p for p in home.iterdir() if p.is_dir() and _EVIDENCE_RUN.fullmatch(p.name))
+    for old in runs[:-KEEP_EVIDENCE_RUNS]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -1,8 +1,10 @@
-"""Plain text for the terminal: the load test's summary, and history as a table.
+"""Plain text for the terminal: the probe's evidence table, the load test's summary, and
+history as a table.
 
-(The probe's text report is the evidence table of ``exporter.probe_cli``.) Text that came
-from an upstream or a database has its control characters replaced, so a hostile error
-message cannot drive the terminal.
+The probe's table is also its live output: ``exporter.probe_progress`` prints the same rows
+and findings as each request and each probe completes, so the pieces are public here and
+``probe_text`` is only their sequence. Text that came from an upstream or a database has
+its control characters replaced, so a hostile error message cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from collections.abc import Mapping
 
 from exporter.loadtest.result import ClassStats, LoadResult
 from exporter.loadtest.stats import Summary
-from exporter.reports.model import HistoryReport, LoadReport, rfc3339, trace_id
+from exporter.reports.model import (
+    HistoryReport,
+    LoadReport,
+    ProbeReport,
+    outcome,
+    rfc3339,
+    trace_id,
+)
+from exporter.results import ProbeResult, RequestRecord
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -40,6 +50,113 @@ def ratio(value: float | None) -> str:
 
 def counts(values: Mapping[str, int]) -> str:
     return ", ".join(f"{clean(k)} ×{v}" for k, v in values.items()) or "none"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+# -- probe --------------------------------------------------------------------------------
+
+
+def probe_target(provider_type: str, base_url: str, model: str) -> str:
+    return f"{provider_type} {clean(base_url)}  model {clean(model)}"
+
+
+def probe_heading(probe: str) -> list[str]:
+    """The lines above a probe's rows: its name and the table header."""
+    return [
+        f"\n== {probe} ==",
+        f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
+        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result",
+    ]
+
+
+def probe_row(index: int, record: RequestRecord, no_faster: bool | None) -> str:
+    """One request of the evidence table; ``own`` is cached beyond the shared baseline.
+
+    ``no_faster`` is the TTFT witness's flag for this request (``TtftWitness.no_faster``).
+    """
+    r = record
+    return (
+        f"  {index:>2}  {clean(r.label)[:22]:<22} {clean(r.status):>6} {r.attempts:>3} "
+        f"{clean(r.prompt_tokens):>7} {clean(r.cached_tokens):>7} "
+        f"{clean(r.run_cached_tokens):>6} {clean(r.cache_write_tokens):>6} "
+        f"{clean(r.completion_tokens):>5} {_secs(r.latency_seconds):>8} "
+        f"{_secs(r.ttft_seconds):>8}  {clean(outcome(r, no_faster))}"
+    )
+
+
+def probe_findings(result: ProbeResult) -> list[str]:
+    """What a probe run found, below its rows: the verdict, then what only the whole run
+    shows (the baseline, pollution, the TTFT witness, per-size and per-delay outcomes)."""
+    works = {True: "yes", False: "no", None: "unknown"}[result.caching_works]
+    lines = [
+        f"{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
+        f"{ratio(result.hit_ratio)}, run {result.run_id}, {result.duration_seconds:.2f}s)"
+    ]
+    if result.error:
+        lines.append(f"  error ({result.error_type}): {clean(result.error)}")
+    if result.baseline_tokens is not None:
+        lines.append(
+            f"  baseline: {result.baseline_tokens} cached tokens every prompt shares "
+            "(template, BOS), not counted; own = cached beyond it"
+        )
+    if result.pollution:
+        lines.append(
+            "  cache pollution: a cold request's cached tokens reached past the baseline "
+            "into the run's own prompt"
+        )
+    ttft = result.ttft
+    if ttft.cold_seconds is not None or ttft.warm_seconds is not None:
+        hits = "" if ttft.hit_seconds is None else f" (hits {_secs(ttft.hit_seconds)})"
+        lines.append(
+            f"  ttft: cold {_secs(ttft.cold_seconds)}, warm {_secs(ttft.warm_seconds)}{hits}"
+        )
+    if ttft.slow_hits:
+        lines.append(
+            f"  ttft: {ttft.slow_hits} hit(s) no faster than the cold request before them: "
+            "the cached tokens did not save prefill time"
+        )
+    for name, size in result.sizes.items():
+        lines.append(
+            f"  size {clean(name)} ({size.target_tokens} tokens): {size.verdict.value}, "
+            f"hit ratio {ratio(size.hit_ratio)}"
+        )
+    for delay, hit in sorted(result.ttl.items()):
+        shown = "error" if hit is None else ("hit" if hit else "miss")
+        lines.append(f"  after {delay:g}s: {shown}")
+    if result.first_miss_index is not None:
+        lines.append(f"  first miss at request {result.first_miss_index}")
+    if result.shared_prefix_tokens is not None:
+        lines.append(f"  shared prefix: about {result.shared_prefix_tokens} tokens")
+    return lines
+
+
+def probe_replay(report: ProbeReport) -> list[str]:
+    """The curl commands, their bodies in ``report.evidence_dir``."""
+    if not report.replays:
+        return []
+    key = f"; key from ${report.key_var}" if report.key_var else ""
+    lines = [f"\nReplay (request bodies in {report.evidence_dir}{key}):"]
+    for replay in report.replays:
+        lines += [f"\n# {clean(replay.label)}", replay.command]
+    return lines
+
+
+def probe_text(report: ProbeReport) -> str:
+    """The whole text report: what the live output shows, without its waits."""
+    lines = [probe_target(report.provider_type, report.base_url, report.model)]
+    for result in report.results:
+        lines += probe_heading(result.probe)
+        rows = zip(result.requests, result.ttft.no_faster, strict=True)
+        lines += [probe_row(i, record, slow) for i, (record, slow) in enumerate(rows, 1)]
+        lines += probe_findings(result)
+    lines += probe_replay(report)
+    return "\n".join(lines) + "\n"
+
+
+# -- load test ----------------------------------------------------------------------------
 
 
 def _summary_row(name: str, summary: Summary, fmt: str = "{:.3f}") -> str:

@@ -181,7 +181,10 @@ class _ChatHandler:
                 404, f"model {chat.model!r} does not exist (simulator)", headers, "model"
             )
         entry.model_seq = n = state.next_model_seq(model)
-        if model.ratelimit_period and n % model.ratelimit_period:
+        throttled = bool(model.ratelimit_period and n % model.ratelimit_period) or bool(
+            model.ratelimit_rate and state.rngs[model.name].random() < model.ratelimit_rate
+        )
+        if throttled:
             retry = model.retry_after
             headers["retry-after"] = str(int(retry)) if float(retry).is_integer() else str(retry)
             return api.error(429, "rate limit exceeded (simulated)", headers)

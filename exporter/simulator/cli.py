@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from exporter.exits import EXIT_USAGE, listen_error
 from exporter.simulator.config import SimConfig, SimConfigError, load_sim_config
 
 
@@ -85,23 +86,23 @@ async def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         host, port = _address(args)
     except SimConfigError as exc:
-        print(f"prompt-cache-exporter simulate: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    listening = False
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with serve_simulator(config, host=host, port=port) as sim:
+                listening = True
                 names = ", ".join(m.name for m in config.models)
                 print(f"{BANNER}; listening on {sim.url} (base URL {sim.base_url})", flush=True)
                 print(f"simulated models: {names}", flush=True)
                 async for _ in signals:
                     break
         except OSError as exc:
-            print(
-                f"prompt-cache-exporter simulate: cannot listen on {host}:{port}: "
-                f"{exc.strerror or exc}",
-                file=sys.stderr,
-            )
-            return 1
+            if listening:
+                raise
+            print(f"error: {listen_error(host, port, exc)}", file=sys.stderr)
+            return EXIT_USAGE
     print("simulator stopped", flush=True)
     return 0
 
