@@ -3,8 +3,9 @@
 Data flows one way: the scheduler decides *when* a probe runs, the runtime runs it (the
 transport only sends) and hands back one ``RunReport``; this module applies it to the
 in-memory state and the store: verdict gauges, counters, spend, balances, rate limits,
-failure tracking and cooldown, pauses, persistence and the reliability score. The scheduler
-reads back only what it needs to decide (``health``, ``balance_paused``), never the state.
+failure tracking and cooldown, the provider-wide outage breaker (``exporter.outage``), pauses,
+persistence and the reliability score. The scheduler reads back only what it needs to decide
+(``health``, ``outage``, ``balance_paused``), never the state.
 
 Every finished run is logged on one INFO line::
 
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from exporter.budget import Budget, BudgetSnapshot
 from exporter.clock import Clock
 from exporter.config import Config, ProviderConfig
+from exporter.outage import ProviderOutage, outage_failure, says_nothing
 from exporter.pricing import PriceInfo
 from exporter.reliability import reliability_score
 from exporter.report import ResponseFacts, RunReport
@@ -76,6 +78,7 @@ class Recorder:
         self.budget = budget
         self.clock = clock
         self._health: dict[tuple[str, str], ModelHealth] = {}
+        self._outage: dict[str, ProviderOutage] = {}
         self._funds_exhausted: set[str] = set()
         self._budget_paused: set[str] = set()
         self._balance_paused: set[str] = set()
@@ -94,6 +97,9 @@ class Recorder:
         self.config = config
         self._providers = {p.name: p for p in config.providers}
         self._too_expensive.clear()  # budgets may have changed
+        if not config.scheduler.outage_after:  # the breaker was turned off: nothing is paused
+            for provider in list(self._outage):
+                self._set_outage(provider, ProviderOutage())
 
     def provider_started(self, provider: ProviderConfig, probes: tuple[str, ...]) -> None:
         """A worker for ``provider`` starts: its series exist from now on."""
@@ -108,6 +114,7 @@ class Recorder:
         for table in (self._funds_exhausted, self._budget_paused, self._balance_paused):
             table.discard(name)
         self._models.pop(name, None)
+        self._outage.pop(name, None)
 
     def models_selected(
         self,
@@ -117,6 +124,9 @@ class Recorder:
         forecast: Mapping[str, float],
     ) -> None:
         self._models[provider] = frozenset(models)
+        if len(models) < 2 and self.outage(provider).open:
+            log.warning("%s: fewer than two models now: the outage pause ends", provider)
+            self._set_outage(provider, ProviderOutage())
         self.state.set_models(provider, models, dict(prices))
         self.state.set_forecast(provider, dict(forecast))
         for key in [k for k in self._unpriced if k[0] == provider and k[1] not in models]:
@@ -174,6 +184,9 @@ class Recorder:
     def balance_paused(self, provider: str) -> bool:
         return provider in self._balance_paused
 
+    def outage(self, provider: str) -> ProviderOutage:
+        return self._outage.get(provider, ProviderOutage())
+
     # -- runs ---------------------------------------------------------------------------------
 
     async def record(self, report: RunReport) -> None:
@@ -197,7 +210,7 @@ class Recorder:
         skipped = result.verdict is Verdict.SKIPPED
         if not report.sent or (skipped and not any(r.attempts for r in result.requests)):
             return  # never reached the provider: nothing to store, no failure to count
-        if current and not skipped:
+        if current and not skipped and not self._track_outage(result):
             await self._track_health(result)
         if self.store is not None:
             await self.store.record_run(
@@ -329,6 +342,77 @@ class Recorder:
             self._balance_paused.discard(provider)
             log.info("%s: balance back above the threshold; probing resumes", provider)
         self.state.set_paused(provider, "balance", paused)
+
+    def _track_outage(self, result: ProbeResult) -> bool:
+        """Apply a finished run to its provider's outage breaker (exporter.outage). True when
+        the failure is the outage's, so the model's own failure tracking leaves it out."""
+        cfg = self.config.scheduler
+        provider, model = result.provider, result.model
+        if not cfg.outage_after:
+            return False
+        if len(self._models.get(provider, ())) < 2:
+            # One model cannot tell an outage from a model problem: its own breaker decides.
+            self._set_outage(provider, ProviderOutage())
+            return False
+        before = self.outage(provider)
+        now = self.clock.time()
+        if says_nothing(result):
+            if before.trial(now):  # a trial that decided nothing: the next one after a pause
+                self._set_outage(provider, replace(before, open_until=now + cfg.outage_retry))
+            return False
+        if not outage_failure(result):
+            if before.open:
+                log.warning(
+                    "%s: outage over: %s %s got an answer; probing resumes for every model",
+                    provider,
+                    model,
+                    result.probe,
+                )
+            self._set_outage(provider, ProviderOutage())
+            return False
+        streak = ProviderOutage(before.failures + 1, before.models | {model}, before.open_until)
+        if before.open:
+            # A trial (or a run in flight when it opened) failed: the next trial after a pause.
+            self._set_outage(provider, replace(streak, open_until=now + cfg.outage_retry))
+            log.info(
+                "%s: outage continues (%s %s: %s); next trial in %.0fs",
+                provider,
+                model,
+                result.probe,
+                result.error_type,
+                cfg.outage_retry,
+            )
+            return True
+        if streak.failures >= cfg.outage_after and self._covers_every_model(provider, streak):
+            streak = replace(streak, open_until=now + cfg.outage_retry)
+            log.warning(
+                "%s: every model failed with connection errors, timeouts or 5xx (%d runs in a "
+                "row, last: %s); provider outage: probing paused, one trial run every %.0fs",
+                provider,
+                streak.failures,
+                result.error_type,
+                cfg.outage_retry,
+            )
+        self._set_outage(provider, streak)
+        return False
+
+    def _covers_every_model(self, provider: str, streak: ProviderOutage) -> bool:
+        """Every model that could run has failed in the streak (one cooling down on its own,
+        or unpriced under a USD budget, cannot run)."""
+        now = self.clock.time()
+        return all(
+            model in streak.models
+            or self.health(provider, model).cooling(now)
+            or (provider, model) in self._unpriced
+            for model in self._models.get(provider, ())
+        )
+
+    def _set_outage(self, provider: str, outage: ProviderOutage) -> None:
+        if outage == ProviderOutage():
+            self._outage.pop(provider, None)
+        else:
+            self._outage[provider] = outage
+        self.state.set_paused(provider, "outage", outage.open)
 
     async def _track_health(self, result: ProbeResult) -> None:
         key = (result.provider, result.model)

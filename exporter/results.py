@@ -138,6 +138,9 @@ class RequestRecord:
     error_type: ErrorType | None = None
     error: str | None = None  # one line, never contains secrets
     cost: dict[str, float] = field(default_factory=dict)
+    # The W3C span id its traceparent carried (every attempt the same; exporter.tracecontext).
+    # None in rows stored before requests carried one.
+    span_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -204,6 +207,9 @@ class ProbeResult:
     ttl: dict[float, bool | None] = field(default_factory=dict)  # ttl: delay -> hit
     first_miss_index: int | None = None  # persistence: 1-based index of first missed repeat
     shared_prefix_tokens: int | None = None  # partial
+    # The W3C trace id every request of the run carried (exporter.tracecontext); None for a
+    # run skipped before it started, and in rows stored before runs carried one.
+    trace_id: str | None = None
 
     @property
     def caching_works(self) -> bool | None:
@@ -244,6 +250,7 @@ class ProbeResult:
             "provider": self.provider,
             "model": self.model,
             "run_id": self.run_id,
+            "trace_id": self.trace_id,
             "verdict": self.verdict.value,
             "caching_works": self.caching_works,
             "hit_ratio": self.hit_ratio,
@@ -306,6 +313,7 @@ class ProbeResult:
             ttl={float(d): hit for d, hit in (data.get("ttl") or {}).items()},
             first_miss_index=data.get("first_miss_index"),
             shared_prefix_tokens=data.get("shared_prefix_tokens"),
+            trace_id=data.get("trace_id"),
         )
 
 

@@ -4,12 +4,17 @@ Each (model, probe) is due one interval after it last started. A worker starts t
 overdue run whose model is idle, up to ``concurrency`` at a time; a slot rests for the
 isolation delay after each run. A model runs one probe at a time, so a slow model delays only
 itself. The scheduler only decides *when*: runs go through the runtime, and what they find
-goes to the recorder, whose answers (``health``, ``balance_paused``) and the budget's
-(``exhausted``) are all the scheduler reads back:
+goes to the recorder, whose answers (``health``, ``outage``, ``balance_paused``) and the
+budget's (``exhausted``) are all the scheduler reads back:
 
 * a model whose failures opened its breaker is not run until its cooldown is over; then
   exactly one trial run decides (success: back on schedule; failure: straight back to
   cooldown);
+* a provider whose models all failed like an outage (exporter.outage) runs nothing until
+  ``outage_retry`` has passed; then one trial run of one model (the next in turn, its first
+  probe) decides, with nothing else in flight (success: every model resumes). While a
+  streak of outage failures is building, models that have not failed in it go first, so
+  the streak covers every model before any one model's failures put it in cooldown;
 * a provider whose balance is below its threshold (or that answered 402) is paused and
   checked cheaply until it recovers;
 * a run whose cost the budget cannot cover (the probe's own estimate, the bound its requests
@@ -38,6 +43,7 @@ from exporter.budget import Budget
 from exporter.clock import Clock
 from exporter.config import Config, ProviderConfig
 from exporter.forecast import models_forecast
+from exporter.outage import ProviderOutage
 from exporter.providers.base import BadResponse, select_models
 from exporter.recorder import Recorder, Restored
 from exporter.report import ResponseFacts, RunReport
@@ -97,6 +103,7 @@ class ProviderWorker:
         self._next_discovery = 0.0
         self._discovery_failures = 0
         self._next_balance_check = 0.0
+        self._next_trial = 0  # index into _order: outage trials take the models in turn
         # The cheap request that refreshes the balance while paused (replaceable in tests).
         self.check_balance: Callable[[], Awaitable[Mapping[str, float]]] = self._fetch_balance
 
@@ -150,6 +157,10 @@ class ProviderWorker:
                 await self._wait(self.budget.next_window() - now)
                 self.recorder.budget_changed(self.name)  # room again, or a new window
                 continue
+            outage = self.recorder.outage(self.name)
+            if outage.open:
+                await self._outage_trial(outage, now)
+                continue
             job = self._next_job(now)
             if job is None:
                 self._end_cycle()
@@ -171,9 +182,31 @@ class ProviderWorker:
         if event.is_set() and not self.stopping:
             self._wake = anyio.Event()
 
+    async def _outage_trial(self, outage: ProviderOutage, now: float) -> None:
+        """Paused for an outage: wait out ``outage_retry``, then start one trial run once
+        nothing else is in flight."""
+        if outage.cooling(now):
+            await self._wait(outage.open_until - now)
+            return
+        if self._running or self._free <= 0:
+            await self._wait(None)  # runs that started before it opened finish first
+            return
+        order = self._order
+        for i in range(len(order)):
+            model = order[(self._next_trial + i) % len(order)]
+            if not self.recorder.health(self.name, model).cooling(now):
+                self._next_trial = (self._next_trial + i + 1) % len(order)
+                await self._dispatch(model, self.probes[0], now)
+                break
+        if not self._running:
+            # No model could run (cooling, unpriced, no room in the budget): try again later.
+            await self._wait(self.config.scheduler.outage_retry)
+
     def _next_job(self, now: float) -> tuple[str, str] | None:
-        best: tuple[float, int, int] | None = None
+        best: tuple[bool, float, int, int] | None = None
         chosen: tuple[str, str] | None = None
+        # A streak of outage failures is building: the models it has not reached go first.
+        suspects = self.recorder.outage(self.name).models
         for mi, model in enumerate(self._order):
             sched = self.schedule[model]
             health = self.recorder.health(self.name, model)
@@ -192,8 +225,9 @@ class ProviderWorker:
                 at = min(d[0] for d in due)
             else:
                 at, pi, probe = min(due)
-            if best is None or (at, mi, pi) < best:
-                best, chosen = (at, mi, pi), (model, probe)
+            key = (model in suspects, at, mi, pi)
+            if best is None or key < best:
+                best, chosen = key, (model, probe)
         return chosen
 
     def _next_wakeup(self, now: float) -> float:

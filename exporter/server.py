@@ -47,6 +47,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from exporter import tracecontext
 from exporter.asgi import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -81,7 +82,7 @@ EXPORTER_NAME: Final = "prompt-cache-exporter"
 DEFAULT_RUNS_LIMIT: Final = 50
 MAX_RUNS_LIMIT: Final = 1000
 MAX_RELOAD_BODY: Final = 4096  # bytes; the body of /-/reload is read and ignored
-_RUNS_PARAMS: Final = ("provider", "model", "probe", "limit")
+_RUNS_PARAMS: Final = ("provider", "model", "probe", "trace_id", "limit")
 _NAME_VALUE: Final = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
 _NAME_RULE: Final = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
 _SAFE_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\[\]-]{1,40}")
@@ -129,6 +130,7 @@ class _RunsQuery:
     model: str | None
     probe: str | None
     limit: int
+    trace_id: str | None = None
 
 
 def create_app(
@@ -225,6 +227,7 @@ def create_app(
                     model=query.model,
                     probe=query.probe,
                     limit=query.limit,
+                    trace_id=query.trace_id,
                 )
             except Exception:
                 log.exception("/api/runs: reading the history failed")
@@ -372,6 +375,10 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
             raise _BadRequest(f"{key}: {_NAME_RULE}")
     if probe is not None and probe not in probes:
         raise _BadRequest(f"probe: must be one of {', '.join(probes)}")
+    # A trace id as tracing UIs show it; hex in either case (we record it in lower case).
+    trace_id = (values.get("trace_id") or "").lower() or None
+    if trace_id is not None and not tracecontext.TRACE_ID_PATTERN.fullmatch(trace_id):
+        raise _BadRequest("trace_id: must be 32 hexadecimal digits (a W3C trace id)")
     limit = DEFAULT_RUNS_LIMIT
     if values.get("limit"):
         text = values["limit"]
@@ -381,7 +388,7 @@ def _parse_runs_query(items: Sequence[tuple[str, str]], probes: Sequence[str]) -
         if not digits or not 1 <= int(text) <= MAX_RUNS_LIMIT:
             raise _BadRequest(f"limit: must be an integer from 1 to {MAX_RUNS_LIMIT}")
         limit = int(text)
-    return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit)
+    return _RunsQuery(provider=provider, model=model, probe=probe, limit=limit, trace_id=trace_id)
 
 
 _REQUEST_FIELDS: Final = (
@@ -401,6 +408,7 @@ _REQUEST_FIELDS: Final = (
     "ttft_no_faster",
     "error_type",
     "error",
+    "span_id",
 )
 
 
@@ -412,6 +420,7 @@ def run_to_json(result: ProbeResult) -> dict[str, Any]:
     ttft = full["ttft"]
     return {
         "run_id": result.run_id,
+        "trace_id": result.trace_id,
         "provider": result.provider,
         "model": result.model,
         "probe": result.probe,

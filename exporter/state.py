@@ -25,7 +25,7 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 RUN_OUTCOMES = ("success", "failure", "skipped")
 REQUEST_OUTCOMES = ("success", "failure")
 CACHE_LABELS = ("hit", "miss")
-PAUSE_REASONS = ("balance", "budget")
+PAUSE_REASONS = ("balance", "budget", "outage")
 STORE_OPERATIONS = (
     "write_run",
     "write_usage",

@@ -15,6 +15,7 @@ from exporter.prompts import PromptFactory
 from exporter.providers import adapter_class
 from exporter.results import ProbeResult
 from exporter.simulator.config import SimConfig
+from exporter.simulator.models import SimModel
 from exporter.simulator.server import SimulatorHandle, serve_simulator
 from exporter.transport import RetryPolicy, Transport
 
@@ -70,6 +71,11 @@ class SimRig:
 
     async def probe(self, name: str, model: str, **kwargs: object) -> ProbeResult:
         return await run_probe(name, self.context(model, **kwargs))  # type: ignore[arg-type]
+
+
+# Throttles deterministically (the default sim-ratelimited throttles a seeded third of its
+# requests): chat requests 1-3 of every 4 get 429 with Retry-After: 1.
+EVERY_4TH = SimModel("sim-every-4th", ratelimit_period=4, retry_after=1.0)
 
 
 @pytest.fixture

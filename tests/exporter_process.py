@@ -36,6 +36,13 @@ def probes_toml(**probes: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def sim_provider(base_url: str, *lines: str) -> str:
+    """One [[providers]] table "sim" (OpenAI-style, key from SIM_API_KEY, no isolation
+    delay) plus ``lines`` (its model selection and any other setting)."""
+    head = f'[[providers]]\nname = "sim"\ntype = "openai"\nbase_url = "{base_url}"\n'
+    return head + 'api_key_env = "SIM_API_KEY"\nisolation_delay = "0s"\n' + "\n".join(lines) + "\n"
+
+
 def config_text(
     *,
     sim_url: str,

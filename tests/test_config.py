@@ -76,6 +76,7 @@ INVALID: dict[str, str] = {
         "letters, digits and _, such as VENICE_API_KEY), not the key itself"
     ),
     "cooldown-after": "scheduler.cooldown_after: must be >= failure_warn_after (5)",
+    "outage-after": "scheduler.outage_after: must be <= cooldown_after (5), or 0 (off)",
     "max-models": "providers[0].max_models: must be <= 1000",
     "concurrency": "providers[0].concurrency: must be >= 1",
     "max-tokens-type": "providers[0].max_tokens: must be an integer",
@@ -216,6 +217,7 @@ def test_defaults():
     assert (s.failure_warn_after, s.cooldown_after, s.reset_after_successes) == (3, 5, 2)
     assert (s.cooldown, s.reliability_window, s.cleanup_interval) == (900, 86400, 86400)
     assert s.shutdown_grace == 10
+    assert (s.outage_after, s.outage_retry) == (3, 300)
     intervals = {name: config.probes.get(name).interval for name in PROBE_NAMES}
     # The cheap default schedule (docs/configuration.md "What probing costs").
     assert intervals == {

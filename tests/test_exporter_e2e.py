@@ -11,12 +11,21 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
-from tests.simulator_process import SimProcess, simulator
+from exporter import tracecontext
+from tests.exporter_process import (
+    ExporterProcess,
+    config_text,
+    probes_toml,
+    sim_provider,
+    value,
+    wait_for,
+)
+from tests.simulator_process import SimProcess, free_port, simulator
 
 pytestmark = pytest.mark.slow
 
@@ -274,15 +283,7 @@ def test_restart_shows_restored_verdicts_before_any_new_probe(
     sim: SimProcess, tmp_path: Path
 ) -> None:
     db = tmp_path / "db.sqlite"
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = ["sim-cache-ok", "sim-cache-broken"]
-isolation_delay = "0s"
-"""
+    providers = sim_provider(sim.base_url, 'include = ["sim-cache-ok", "sim-cache-broken"]')
     first = start_exporter(
         tmp_path,
         config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=BASIC_ONLY_SLOW),
@@ -558,3 +559,109 @@ balance_check_interval = "1h"
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM probe_runs").fetchone()[0] == runs_before
     assert "below the stop threshold" in second.log()
+
+
+def test_every_request_carries_the_trace_of_its_run_in_api_runs(
+    sim: SimProcess, tmp_path: Path
+) -> None:
+    """Issue 13: the simulator (a tracing gateway's stand-in on 127.0.0.1) logs the
+    traceparent of every request the running exporter sent; each is valid W3C, its trace id
+    is the one /api/runs shows for the run, its span id one of that run's requests, and
+    /api/runs?trace_id= finds the run from the trace."""
+    providers = sim_provider(
+        sim.base_url, 'include = ["sim-cache-ok", "sim-cache-broken"]', "concurrency = 2"
+    )
+    probes = probes_toml(basic="1s/900ms", partial="2s/1500ms")
+    exporter = start_exporter(
+        tmp_path,
+        config_text(
+            sim_url=sim.base_url, db_path=tmp_path / "db.sqlite", providers=providers, probes=probes
+        ),
+    )
+
+    def api_runs(**params: str) -> list[dict[str, Any]]:
+        response = httpx.get(exporter.url + "/api/runs", params=params, timeout=10)
+        response.raise_for_status()
+        runs: list[dict[str, Any]] = response.json()["runs"]
+        return runs
+
+    try:
+        assert wait_for(lambda: len(api_runs(limit="1000")) >= 8, 30), exporter.log()
+        received = httpx.get(sim.url + "/sim/log", params={"limit": "10000"}, timeout=10).json()
+        headers = [e["traceparent"] for e in received["entries"]]
+        assert len(headers) >= 16
+        parsed = [tracecontext.parse_traceparent(h or "") for h in headers]
+        assert all(p is not None and p[2] == "01" for p in parsed), headers
+        sent: dict[str, list[str]] = {}
+        for p in parsed:
+            assert p is not None
+            sent.setdefault(p[0], []).append(p[1])
+        # Runs still in flight when the log was read finish within their deadline.
+        assert wait_for(lambda: set(sent) <= {r["trace_id"] for r in api_runs(limit="1000")}, 10), (
+            exporter.log()
+        )
+        runs = {r["trace_id"]: r for r in api_runs(limit="1000") if r["trace_id"] in sent}
+        assert len(runs) == len(sent)  # one trace per run, none shared
+        for trace_id, spans in sent.items():
+            run = runs[trace_id]
+            assert spans == [r["span_id"] for r in run["requests"]]
+            assert [r["run_id"] for r in api_runs(trace_id=trace_id)] == [run["run_id"]]
+        assert exporter.terminate() == 0
+    finally:
+        exporter.kill()
+
+
+def test_an_outage_pauses_the_provider_and_it_resumes_when_the_upstream_is_back(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: the real exporter against a port nobody listens on (connection refused for
+    every model): the provider is paused for the outage, with no model in cooldown; once the
+    simulator starts on that port, a trial run succeeds and every model is probed again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    providers = sim_provider(url, 'models = ["sim-cache-ok", "sim-cache-broken"]')
+    exporter = start_exporter(
+        tmp_path,
+        config_text(
+            sim_url=url,
+            db_path=tmp_path / "db.sqlite",
+            providers=providers,
+            probes=probes_toml(basic="1s/900ms"),
+            extra='outage_retry = "2s"',
+        ),
+    )
+    models = ("sim-cache-ok", "sim-cache-broken")
+
+    def paused() -> float | None:
+        return value(exporter.scrape(), "llmcache_provider_paused", provider="sim", reason="outage")
+
+    def cooldowns(samples: dict[Any, float]) -> list[float | None]:
+        return [value(samples, "llmcache_model_cooldown", provider="sim", model=m) for m in models]
+
+    try:
+        assert wait_for(lambda: paused() == 1, 20), exporter.log()
+        samples = exporter.scrape()
+        assert cooldowns(samples) == [0, 0]
+        failures = [
+            value(samples, "llmcache_consecutive_failures", provider="sim", model=m) for m in models
+        ]
+        assert sorted(failures) == [1, 2]  # the streak: m1, m2, m1; then the pause
+        assert "provider outage: probing paused, one trial run every 2s" in exporter.log()
+        time.sleep(3)  # a trial or two fail meanwhile: still paused, still no cooldown
+        assert paused() == 1
+        assert cooldowns(exporter.scrape()) == [0, 0]
+        with simulator(port=port):
+            assert wait_for(lambda: paused() == 0, 20), exporter.log()
+
+            def verdicts() -> list[float | None]:
+                s = exporter.scrape()
+                return [
+                    value(s, "llmcache_caching_works", provider="sim", model=m, probe="basic")
+                    for m in models
+                ]
+
+            assert wait_for(lambda: verdicts() == [1, 0], 20), exporter.log()
+            assert "outage over" in exporter.log()
+            assert exporter.terminate() == 0
+    finally:
+        exporter.kill()

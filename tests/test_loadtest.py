@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from exporter.loadtest import cli as loadtest_cli
 from exporter.simulator.config import SimConfig
 from exporter.simulator.models import DEFAULT_MODELS
 from exporter.simulator.server import SimulatorHandle, serve_simulator
+from exporter.tracecontext import traceparent
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +112,12 @@ async def test_two_hundred_requests_at_concurrency_eight(
     assert report["statuses"] == {"200": 200}
     assert report["spend"]["prompt_tokens"] == stats["prompt_tokens"]
     assert report["spend"]["cached_tokens"] == stats["cached_tokens"]
+    # W3C trace context: the simulator received the run's trace on every request, each with
+    # the span id its evidence records.
+    spans = [r["span_id"] for r in report["requests"]]
+    received = [e["traceparent"] for e in sim.state.log_entries(model, 1000)]
+    assert sorted(received) == sorted(traceparent(report["trace_id"], s) for s in spans)
+    assert len(set(spans)) == 200
     if model == "sim-cache-ok":
         assert report["verdict"] == "works"
         assert report["hit_ratio"] > 0.9
@@ -171,6 +179,13 @@ async def test_rate_limited_429s_are_counted_and_honoured(sim: SimulatorHandle) 
     assert report["errors"].get("rate_limit", 0) == len(failed)
     assert all([a["status"] for a in r["attempt_log"]] == [429] * 3 for r in failed)
     assert stats["responses"]["200"] == 8 - len(failed)
+    # Every attempt of a request carried its one span id.
+    per_span = Counter(e["traceparent"] for e in sim.state.log_entries("sim-ratelimited", 100))
+    expected = {
+        traceparent(report["trace_id"], r["span_id"]): len(r["attempt_log"])
+        for r in report["requests"]
+    }
+    assert per_span == expected
 
 
 async def test_spend_cap_refuses_before_any_request(sim: SimulatorHandle) -> None:

@@ -142,6 +142,13 @@ async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> 
     assert "basic: works" in out
     assert re.search(r"\b2\s+repeat\s+200\s+1\s+\d+\s+\d+", out)
     assert "baseline: 0 cached tokens every prompt shares" in out
+    # The run's trace, each request's span in its row, and the replay sends that traceparent.
+    trace = re.search(r"\n  trace ([0-9a-f]{32})\n", out)
+    assert trace
+    spans = re.findall(r"\b[12]\s+(?:prime|repeat)\s.*\s([0-9a-f]{16})\s+(?:hit|miss)", out)
+    assert len(set(spans)) == 2
+    for span in spans:
+        assert f"-H 'traceparent: 00-{trace.group(1)}-{span}-01'" in out
     assert re.search(r"ttft: cold \d+\.\d{3}s, warm \d+\.\d{3}s \(hits \d+\.\d{3}s\)", out)
     assert '-H "Authorization: Bearer $PCE_API_KEY"' in out
     _assert_no_secret(proc, tmp_path)

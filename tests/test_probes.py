@@ -17,7 +17,7 @@ from exporter.server import run_to_json
 from exporter.simulator.config import SimConfig
 from exporter.simulator.models import DEFAULT_MODELS, SimModel
 from exporter.store import Store
-from tests.conftest import SimRig, open_rig
+from tests.conftest import EVERY_4TH, SimRig, open_rig
 
 pytestmark = pytest.mark.anyio
 
@@ -261,9 +261,6 @@ async def test_error_model_fails_after_three_attempts(rig: SimRig) -> None:
     # Backoff doubles from the configured base: 0.01 then 0.02 s.
     assert rig.clock.sleeps == [0.01, 0.02]
     assert result.caching_works is None
-
-
-EVERY_4TH = SimModel("sim-every-4th", ratelimit_period=4, retry_after=1.0)
 
 
 @pytest.mark.parametrize("sim_config", [SimConfig(latency_scale=0.0, models=(EVERY_4TH,))])

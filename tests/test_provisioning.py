@@ -394,6 +394,41 @@ INHIBITION_SCENARIOS = {
         ],
         [_alert("LLMCacheRequestErrorsHigh", "j7", "warning", provider="venice", model="m2")],
     ),
+    "outage-over-the-failures-of-the-providers-models": (
+        [_alert("LLMCacheProviderOutage", "j8", "warning", provider="venice", reason="outage")],
+        [
+            _alert("LLMCacheProbeFailuresRepeated", "j8", "warning", provider="venice", model="m"),
+            _alert("LLMCacheModelCooldown", "j8", "warning", provider="venice", model="m2"),
+            _alert("LLMCacheRequestErrorsHigh", "j8", "warning", provider="venice", model="m3"),
+            _alert(
+                "LLMCacheProbeErrorBudgetBurn",
+                "j8",
+                "warning",
+                provider="venice",
+                model="m",
+                long="1h",
+                short="5m",
+            ),
+            _alert(
+                "LLMCacheProbesStale", "j8", "warning", provider="venice", model="m2", probe="ttl"
+            ),
+        ],
+        [
+            # Another provider's failing model is its own problem.
+            _alert("LLMCacheModelCooldown", "j8", "warning", provider="openai", model="m"),
+            _alert("LLMCacheProbeFailuresRepeated", "j8", "warning", provider="openai", model="m2"),
+            # Not a failure alert: the balance says something the outage does not.
+            _alert("LLMCacheBalanceLow", "j8", "warning", provider="venice", currency="usd"),
+            _alert(
+                "LLMCacheCachingBroken",
+                "j8",
+                "critical",
+                provider="venice",
+                model="m",
+                probe="basic",
+            ),
+        ],
+    ),
     "budget-exhausted-over-nearly-and-pause": (
         [_alert("LLMCacheBudgetExhausted", "j5", "warning", provider="venice")],
         [

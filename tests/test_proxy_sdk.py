@@ -18,6 +18,8 @@ import openai
 import pytest
 
 from exporter.simulator.config import SimConfig
+from exporter.simulator.models import DEFAULT_MODELS
+from tests.conftest import EVERY_4TH
 from tests.proxy_rig import ProxyRig, end_to_end, proxy_rig
 
 pytestmark = pytest.mark.anyio
@@ -252,13 +254,17 @@ async def test_anthropic_sdk_json_and_stream_through_the_proxy() -> None:
     [
         ("no-such-model", 404, openai.NotFoundError),
         ("sim-error", 500, openai.InternalServerError),
-        ("sim-ratelimited", 429, openai.RateLimitError),
+        ("sim-every-4th", 429, openai.RateLimitError),
     ],
 )
 async def test_upstream_errors_reach_the_sdk_unchanged(
     model: str, status: int, error: type[openai.APIStatusError]
 ) -> None:
-    async with proxy_rig() as rig, AsyncExitStack() as stack:
+    models = (*DEFAULT_MODELS, EVERY_4TH)
+    async with (
+        proxy_rig(SimConfig(latency_scale=0.0, models=models)) as rig,
+        AsyncExitStack() as stack,
+    ):
         client = await stack.enter_async_context(_openai(rig, Sent()))
         with pytest.raises(error) as caught:
             await client.chat.completions.create(model=model, messages=_messages())

@@ -25,7 +25,7 @@ from exporter.cli import build_parser
 from exporter.clock import FakeClock
 from exporter.loadtest import cli as loadtest_cli
 from exporter.reports.tabular import HISTORY_COLUMNS, LOAD_COLUMNS, PROBE_COLUMNS
-from exporter.results import ErrorType, ProbeResult, RequestRecord, Verdict
+from exporter.results import ErrorType, ProbeResult, Verdict
 from exporter.simulator.config import SimConfig
 from exporter.simulator.server import serve_simulator
 from exporter.store import Store
@@ -171,13 +171,19 @@ async def test_probe_html_replays_run_as_attached(tmp_path: Path) -> None:
         replay = await anyio.run_process(
             ["bash", "-c", command], env={"PCE_API_KEY": SECRET, "PATH": os.environ["PATH"]}
         )
+        # The replay carries the traceparent the prime was sent with: the provider finds it
+        # under the run's trace, beside the original.
+        sent = [e["traceparent"] for e in sim.state.log_entries(None, 10)]
+    assert len(sent) == 3
+    assert sent[2] == sent[0] != sent[1]
+    assert f"traceparent: {sent[0]}" in command
     usage = [
         json.loads(line[6:])
         for line in replay.stdout.decode().splitlines()
         if line.startswith("data: {") and '"usage"' in line
     ]
     assert usage
-    # The prime and the repeat share one command: replaying it hits the cache they filled.
+    # Replaying the prime hits the cache the run filled.
     assert usage[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
@@ -238,41 +244,35 @@ async def test_probe_json_and_csv(probe_results: list[ProbeResult]) -> None:
     assert rows[1]["label"] == first.label
     assert rows[1]["cached_tokens"] == str(first.cached_tokens)
     assert rows[1]["hit"] == "True"
-    assert rows[0]["trace_id"] == rows[0]["span_id"] == ""
+    # Every row names the run's trace and the request's own span.
+    expected = [(r.trace_id, q.span_id) for r in probe_results for q in r.requests]
+    assert [(row["trace_id"], row["span_id"]) for row in rows] == expected
+    assert len({span for _, span in expected}) == len(expected)
 
 
-@dataclasses.dataclass(slots=True)
-class TracedRecord(RequestRecord):
-    span_id: str | None = None
+def _untraced(result: ProbeResult) -> ProbeResult:
+    """As stored before runs carried trace context."""
+    requests = [dataclasses.replace(r, span_id=None) for r in result.requests]
+    return dataclasses.replace(result, trace_id=None, requests=requests)
 
 
-@dataclasses.dataclass(slots=True)
-class TracedResult(ProbeResult):
-    trace_id: str | None = None
-
-
-async def test_trace_and_span_ids_are_shown_once_evidence_carries_them(
+async def test_trace_and_span_ids_are_shown_where_evidence_carries_them(
     probe_results: list[ProbeResult],
 ) -> None:
-    base = probe_results[0]
-    records = [
-        TracedRecord(**{f: getattr(r, f) for f in RequestRecord.__dataclass_fields__}, span_id=s)
-        for r, s in zip(base.requests, ("00f067aa0ba902b7", "53995c3f42cd8ad8"), strict=True)
-    ]
-    fields = {f: getattr(base, f) for f in ProbeResult.__dataclass_fields__}
-    traced = TracedResult(
-        **{**fields, "requests": records}, trace_id="4bf92f3577b34da6a3ce929d0e0e4736"
-    )
+    traced = probe_results[0]
+    assert traced.trace_id is not None
     report = _probe_report([traced])
     document = reports.render_probe("html", report)
-    assert "4bf92f3577b34da6a3ce929d0e0e4736" in document
-    assert "53995c3f42cd8ad8" in document
+    assert traced.trace_id in document
     assert ">span id<" in document
-    rows = list(csv.DictReader(io.StringIO(reports.render_probe("csv", report))))
-    assert [r["span_id"] for r in rows] == ["00f067aa0ba902b7", "53995c3f42cd8ad8"]
-    assert {r["trace_id"] for r in rows} == {"4bf92f3577b34da6a3ce929d0e0e4736"}
-    # Evidence without them shows no such column.
-    assert ">span id<" not in reports.render_probe("html", _probe_report(probe_results))
+    for record in traced.requests:
+        assert record.span_id is not None
+        assert record.span_id in document
+    # Evidence stored without them shows no such column, and empty cells in CSV.
+    old = _probe_report([_untraced(traced)])
+    assert ">span id<" not in reports.render_probe("html", old)
+    rows = list(csv.DictReader(io.StringIO(reports.render_probe("csv", old))))
+    assert {(r["trace_id"], r["span_id"]) for r in rows} == {("", "")}
 
 
 async def _history_db(tmp_path: Path, results: list[ProbeResult]) -> Path:

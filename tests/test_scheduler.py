@@ -72,6 +72,7 @@ class Runner:
         if self.duration:
             await self.clock.sleep(self.duration)
         verdict = self.verdicts(model, sum(1 for c in self.calls if c[1] == model))
+        records = self.records(model)
         result = ProbeResult(
             probe=probe,
             provider=runtime.name,
@@ -80,10 +81,15 @@ class Runner:
             verdict=verdict,
             started_at=start,
             finished_at=self.clock.time(),
-            error_type=ErrorType.API_ERROR if verdict is Verdict.ERROR else None,
-            requests=self.records(model),
+            error_type=_error_type(records) if verdict is Verdict.ERROR else None,
+            requests=records,
         )
         return RunReport.of(result, runtime.price_info(model), self.metas(model))
+
+
+def _error_type(records: list[RequestRecord]) -> ErrorType:
+    """The failed request's error decides, as in a real probe (``error_result``)."""
+    return next((r.error_type for r in reversed(records) if r.error_type), ErrorType.API_ERROR)
 
 
 async def start(
@@ -241,7 +247,7 @@ balance_check_interval = "10m"
         # Paused after 120: balance checks every 10 minutes, probing resumes after the second.
         assert checks == [120, 720]
         assert [c[0] for c in runner.calls][:4] == [0, 60, 120, 720]
-        assert state.paused("p") == {"balance": False, "budget": False}
+        assert state.paused("p") == {"balance": False, "budget": False, "outage": False}
         scheduler.stop()
         await clock.advance(60)
 
@@ -536,3 +542,124 @@ async def test_a_removed_provider_stops_within_its_grace(tmp_path: Path) -> None
         assert set(scheduler.workers) == {"p"}
         scheduler.stop()
         await clock.advance(900)
+
+
+# --- the provider-wide outage breaker (exporter.outage) ---------------------------------------
+
+THREE_MODELS = """[[providers]]
+name = "p"
+type = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "P_KEY"
+models = ["m1", "m2", "m3"]
+isolation_delay = "1s"
+"""
+
+
+def _failed(status: int | None, error_type: ErrorType) -> list[RequestRecord]:
+    return [RequestRecord("prime", True, attempts=3, status=status, error_type=error_type)]
+
+
+def _models(state: State) -> dict[str, tuple[int, float]]:
+    """Per model: (consecutive failures, cooldown until)."""
+    return {m.model: (m.consecutive_failures, m.cooldown_until) for m in state.snapshot().models}
+
+
+async def test_an_outage_pauses_the_provider_trials_one_model_at_a_time_and_resumes_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every model fails with 503 or a connection error: after one failed run of each (the
+    streak reaches the models it has not covered first) the provider is paused, one trial run
+    every outage_retry (5 min) takes the models in turn, and the first success resumes every
+    model; meanwhile no model's own failures grow into a cooldown."""
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    down = {"up": False}
+    outage = {"m1": _failed(503, ErrorType.API_ERROR), "m2": _failed(None, ErrorType.CONNECTION)}
+    outage["m3"] = _failed(None, ErrorType.TIMEOUT)
+    runner.verdicts = lambda model, n: Verdict.WORKS if down["up"] else Verdict.ERROR
+    runner.records = lambda model: [] if down["up"] else outage[model]
+    config = make_config(tmp_path, THREE_MODELS, **ALL_PROBES)
+    scheduler, state, client = await start(config, clock, runner)
+    caplog.set_level(logging.INFO, "exporter.recorder")
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        await clock.advance(10)
+        # Fifteen probes were due at once: basic of m1, m2, m3, then the breaker opened.
+        assert runner.calls == [(0, "m1", "basic"), (1, "m2", "basic"), (2, "m3", "basic")]
+        assert state.paused("p")["outage"] is True
+        assert "p: every model failed with connection errors, timeouts or 5xx" in caplog.text
+        await clock.advance(290)
+        assert len(runner.calls) == 3  # open: nothing until 2 + 300
+        await clock.advance(1200)
+        # Half-open every 300 s: exactly one trial run, the models in turn, their first probe.
+        assert runner.calls[3:] == [
+            (302, "m1", "basic"),
+            (602, "m2", "basic"),
+            (902, "m3", "basic"),
+            (1202, "m1", "basic"),
+        ]
+        # No per-model cooldown storm: the trials' failures are the outage's.
+        assert _models(state) == {"m1": (1, 0.0), "m2": (1, 0.0), "m3": (1, 0.0)}
+        assert state.paused("p")["outage"] is True
+        down["up"] = True
+        await clock.advance(300)
+        # The trial at 1502 succeeds: every model resumes, overdue probes first.
+        assert runner.calls[7] == (1502, "m2", "basic")
+        assert state.paused("p")["outage"] is False
+        assert "p: outage over: m2 basic got an answer" in caplog.text
+        resumed = runner.calls[8:]
+        assert {(m, p) for _, m, p in resumed} >= {
+            (m, p) for m in ("m1", "m2", "m3") for p in ALL_PROBES if p != "basic"
+        }
+        assert all(t >= 1503 for t, _, _ in resumed)
+        # Their successes reset the one failure each had from the streak.
+        assert _models(state) == {"m1": (0, 0.0), "m2": (0, 0.0), "m3": (0, 0.0)}
+        scheduler.stop()
+        await clock.advance(600)
+
+
+@pytest.mark.parametrize(
+    "others",
+    [
+        pytest.param([], id="the-other-models-work"),
+        pytest.param(_failed(404, ErrorType.API_ERROR), id="the-provider-answers-404"),
+        pytest.param(_failed(401, ErrorType.AUTH), id="the-provider-answers-401"),
+    ],
+)
+async def test_a_model_problem_is_not_an_outage(
+    tmp_path: Path, others: list[RequestRecord]
+) -> None:
+    """m1 fails with 500s; the others work, or fail in a way that proves the provider answers:
+    the streak never covers every model, the provider is never paused, and m1 gets its own
+    cooldown after five failures, as before."""
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    runner.verdicts = lambda model, n: (
+        Verdict.WORKS if model != "m1" and not others else (Verdict.ERROR)
+    )
+    runner.records = lambda model: _failed(500, ErrorType.API_ERROR) if model == "m1" else others
+    config = make_config(tmp_path, THREE_MODELS, basic="1m")
+    scheduler, state, client = await start(config, clock, runner)
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(scheduler.run)
+        for _ in range(6):
+            await clock.advance(60)
+            assert state.paused("p")["outage"] is False
+        assert [c[0] for c in runner.calls if c[1] == "m1"] == [0, 60, 120, 180, 240]
+        assert _models(state)["m1"] == (5, T0 + 240 + 900)
+        assert not scheduler.recorder.outage("p").open
+        scheduler.stop()
+        await clock.advance(600)
+
+
+async def test_the_outage_breaker_can_be_turned_off(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    runner = Runner(clock)
+    runner.verdicts = lambda model, n: Verdict.ERROR
+    runner.records = lambda model: _failed(None, ErrorType.CONNECTION)
+    config = make_config(tmp_path, THREE_MODELS + "[scheduler]\noutage_after = 0\n", basic="1m")
+    _, state = await run_for(config, 245, runner, clock)
+    # Each model on its own: five failures each, five cooldowns; no outage pause.
+    assert state.paused("p")["outage"] is False
+    assert {m: f for m, (f, _) in _models(state).items()} == {"m1": 5, "m2": 5, "m3": 5}

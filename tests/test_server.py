@@ -56,9 +56,16 @@ class FakeRuns:
         self.calls: list[dict[str, Any]] = []
 
     async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
+        self,
+        *,
+        provider: str | None,
+        model: str | None,
+        probe: str | None,
+        limit: int,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]:
-        self.calls.append({"provider": provider, "model": model, "probe": probe, "limit": limit})
+        call = {"provider": provider, "model": model, "probe": probe, "limit": limit}
+        self.calls.append({**call, **({"trace_id": trace_id} if trace_id else {})})
         if self.error is not None:
             raise self.error
         return self.results
@@ -156,6 +163,7 @@ def rich_result() -> ProbeResult:
         requests=[
             RequestRecord(
                 label="prime",
+                span_id="00f067aa0ba902b7",
                 cold=True,
                 started_at=START,
                 status=200,
@@ -175,6 +183,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 1s",
+                span_id="53995c3f42cd8ad8",
                 cold=False,
                 status=200,
                 attempts=1,
@@ -188,6 +197,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 2s",
+                span_id="b7ad6b7169203331",
                 cold=False,
                 status=200,
                 attempts=1,
@@ -200,6 +210,7 @@ def rich_result() -> ProbeResult:
             ),
             RequestRecord(
                 label="repeat after 5s",
+                span_id="e457b5a2e4d86bd1",
                 cold=False,
                 status=429,
                 attempts=3,
@@ -214,6 +225,7 @@ def rich_result() -> ProbeResult:
         ttl={1.0: True, 2.0: True, 5.0: None},
         first_miss_index=3,
         shared_prefix_tokens=1024,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
     )
 
 
@@ -410,6 +422,7 @@ def test_run_to_json_schema() -> None:
     data = run_to_json(rich_result())
     assert data == {
         "run_id": "rich",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "provider": "venice",
         "model": "qwen-2.5",
         "probe": "ttl",
@@ -451,6 +464,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": None,
                 "error_type": None,
                 "error": None,
+                "span_id": "00f067aa0ba902b7",
             },
             {
                 "label": "repeat after 1s",
@@ -469,6 +483,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": False,
                 "error_type": None,
                 "error": None,
+                "span_id": "53995c3f42cd8ad8",
             },
             {
                 "label": "repeat after 2s",
@@ -487,6 +502,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": False,
                 "error_type": None,
                 "error": None,
+                "span_id": "b7ad6b7169203331",
             },
             {
                 "label": "repeat after 5s",
@@ -505,6 +521,7 @@ def test_run_to_json_schema() -> None:
                 "ttft_no_faster": None,
                 "error_type": "rate_limit",
                 "error": "429 Too Many Requests",
+                "span_id": "e457b5a2e4d86bd1",
             },
         ],
         "sizes": {
@@ -551,7 +568,9 @@ async def test_api_runs_defaults_and_filters() -> None:
             params={"provider": "venice", "model": "llama-3.3-70b", "probe": "ttl", "limit": "2"},
         )
         # Grafana's "All" sends empty values: they mean "no filter".
-        empty = await client.get("/api/runs?provider=&model=&probe=&limit=")
+        empty = await client.get("/api/runs?provider=&model=&probe=&trace_id=&limit=")
+        # A trace id as a tracing UI shows it, in either case: the run it belongs to.
+        traced = await client.get("/api/runs?trace_id=4BF92F3577B34DA6A3CE929D0E0E4736")
     assert plain.status_code == 200
     assert plain.headers["content-type"] == "application/json"
     assert [r["run_id"] for r in plain.json()["runs"]] == ["r2", "r1"]
@@ -561,7 +580,15 @@ async def test_api_runs_defaults_and_filters() -> None:
         {"provider": None, "model": None, "probe": None, "limit": 50},
         {"provider": "venice", "model": "llama-3.3-70b", "probe": "ttl", "limit": 2},
         {"provider": None, "model": None, "probe": None, "limit": 50},
+        {
+            "provider": None,
+            "model": None,
+            "probe": None,
+            "limit": 50,
+            "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        },
     ]
+    assert traced.status_code == 200
 
 
 @pytest.mark.anyio
@@ -573,6 +600,7 @@ async def test_api_runs_never_returns_more_than_limit() -> None:
 
 
 NAME_RULE = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
+TRACE_RULE = "must be 32 hexadecimal digits (a W3C trace id)"
 
 
 @pytest.mark.parametrize(
@@ -597,8 +625,13 @@ NAME_RULE = "must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -"
         ("model=caf%C3%A9", f"model: {NAME_RULE}"),
         ("model=a%22b", f"model: {NAME_RULE}"),
         ("url=http://example.com", 'unknown query parameter "url" (allowed: provider, model, '
-         "probe, limit)"),
-        ("%3Cx%3E=1", "unknown query parameter (allowed: provider, model, probe, limit)"),
+         "probe, trace_id, limit)"),
+        ("%3Cx%3E=1", "unknown query parameter (allowed: provider, model, probe, trace_id, "
+         "limit)"),
+        ("trace_id=4bf92f3577b34da6a3ce929d0e0e473", f"trace_id: {TRACE_RULE}"),  # 31 digits
+        ("trace_id=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+         f"trace_id: {TRACE_RULE}"),  # a whole traceparent
+        ("trace_id=4bf92f3577b34da6a3ce929d0e0e473g", f"trace_id: {TRACE_RULE}"),
         ("limit=1&limit=2", "limit: given more than once"),
         ("provider=a&provider=b", "provider: given more than once"),
     ],

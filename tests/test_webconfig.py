@@ -97,7 +97,13 @@ def make_app(source: WebConfigSource | WebConfig | None) -> Starlette:
 
 class _NoRuns:
     async def recent_runs(
-        self, *, provider: str | None, model: str | None, probe: str | None, limit: int
+        self,
+        *,
+        provider: str | None,
+        model: str | None,
+        probe: str | None,
+        limit: int,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]:
         return []
 

@@ -104,6 +104,11 @@ class SchedulerConfig(_Model):
     cooldown_after: int = Field(default=5, ge=1)
     cooldown: PositiveDuration = _d("15m")
     reset_after_successes: int = Field(default=2, ge=1)
+    # The provider-wide breaker (exporter.outage): consecutive runs failing with connection
+    # errors, timeouts or 5xx, covering every model, before the provider is paused; 0: off.
+    outage_after: int = Field(default=3, ge=0)
+    # While paused for an outage: one trial run (one model) per this interval.
+    outage_retry: PositiveDuration = _d("5m")
     reliability_window: PositiveDuration = _d("24h")
     cleanup_interval: PositiveDuration = _d("24h")
     shutdown_grace: PositiveDuration = _d("10s")
@@ -113,5 +118,10 @@ class SchedulerConfig(_Model):
         if self.cooldown_after < self.failure_warn_after:
             raise _invalid(
                 "cooldown_after", f"must be >= failure_warn_after ({self.failure_warn_after})"
+            )
+        # Beyond it, each model's own cooldown would open before the streak covers them all.
+        if self.outage_after > self.cooldown_after:
+            raise _invalid(
+                "outage_after", f"must be <= cooldown_after ({self.cooldown_after}), or 0 (off)"
             )
         return self

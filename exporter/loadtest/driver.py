@@ -29,6 +29,7 @@ from exporter.probes.common import ProbeAborted, ProbeContext
 from exporter.prompts import PromptFactory
 from exporter.providers.base import HttpRequest, ProviderAdapter, retry_after_seconds
 from exporter.results import Completion, ErrorType, ModelPrice, RequestRecord
+from exporter.tracecontext import new_trace_id
 from exporter.transport import Transport
 
 # Failures after which no further request is sent: each would fail the same way.
@@ -126,6 +127,8 @@ class LoadDriver:
     log: AttemptLog
     # Called with every request sent and its evidence (the CLI keeps two for curl replays).
     on_request: Callable[[HttpRequest, RequestRecord], None] | None = None
+    # The run is one W3C trace; each request is a span of it (exporter.tracecontext).
+    trace_id: str = field(default_factory=new_trace_id)
     requests: list[LoadRequest] = field(default_factory=list, init=False)
     stopped: str | None = field(default=None, init=False)
     started_at: float = field(default=0.0, init=False)
@@ -160,6 +163,7 @@ class LoadDriver:
             target=self.target,
             options=self.plan.options,
             run_id=self.plan.run_id,
+            trace_id=self.trace_id,
             estimate=self.plan.estimate,
             prefix_tokens=self.plan.prefix_tokens,
             started_at=self.started_at,
@@ -197,6 +201,7 @@ class LoadDriver:
             clock=self.clock,
             guard=self._guard,
             run_id=self.plan.run_id,
+            trace_id=self.trace_id,
             on_request=self.on_request,
             # Its own record list: the run is judged as a whole once it is over.
             records=[],

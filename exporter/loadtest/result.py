@@ -168,7 +168,7 @@ class LoadResult:
     errors: dict[str, int]  # requests that failed, by error type
     rate_limits: RateLimits
     spend: Spend
-    trace_id: str | None = None  # W3C trace context of the run, where recorded
+    trace_id: str | None = None  # the run's W3C trace (every request a span of it)
 
     @property
     def caching_works(self) -> bool | None:
@@ -356,6 +356,7 @@ def build_result(
     duration_seconds: float,
     stopped: str,
     requests: Sequence[LoadRequest],
+    trace_id: str | None = None,
 ) -> LoadResult:
     rule = judge(requests)
     cold = [r for r in requests if r.record.cold]
@@ -390,4 +391,5 @@ def build_result(
         errors=dict(sorted(errors.items())),
         rate_limits=rate_limits(requests),
         spend=spend(requests, target.price),
+        trace_id=trace_id,
     )

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import anyio
 
+from exporter import tracecontext
 from exporter.config import PROBE_NAMES
 from exporter.probes import basic, partial, persistence, prompt_sizes, ttl
 from exporter.probes.common import ProbeContext, ProbeFn, ProbeSettings, judge_run, new_result
@@ -29,12 +30,14 @@ __all__ = ["PROBES", "PROBE_COSTS", "PROBE_NAMES", "ProbeContext", "ProbeSetting
 
 
 async def run_probe(name: str, ctx: ProbeContext, *, deadline: float | None = None) -> ProbeResult:
-    """Run probe ``name`` once under a fresh run id, within ``deadline`` seconds.
+    """Run probe ``name`` once under a fresh run id and trace, within ``deadline`` seconds.
 
     Returns a result whatever happens: a deadline becomes a ``timeout`` error and an
     unexpected exception an ``internal`` error, both with the evidence gathered so far.
     """
-    run_ctx = replace(ctx, run_id=ctx.run_id_factory(), records=[])
+    run_ctx = replace(
+        ctx, run_id=ctx.run_id_factory(), trace_id=tracecontext.new_trace_id(), records=[]
+    )
     clock = run_ctx.clock
     started = clock.time()
     t0 = clock.monotonic()

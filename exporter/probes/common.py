@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from exporter import hits
+from exporter import hits, tracecontext
 from exporter.clock import Clock
 from exporter.config import ProbesConfig
 from exporter.prompts import DEFAULT_MARGIN, PromptFactory, new_run_id
@@ -58,6 +58,9 @@ class ProbeContext:
     run_id_factory: Callable[[], str] = new_run_id
     # Set per run by ``run_probe``; starts every prompt of the run.
     run_id: str = ""
+    # The run's W3C trace: every request carries it, each with its own span id. A fresh one
+    # per run (``run_probe``); a load test sets one for all its requests.
+    trace_id: str = field(default_factory=tracecontext.new_trace_id)
     # Called with every request sent and its record (the CLI keeps bodies for curl commands).
     on_request: Callable[[HttpRequest, RequestRecord], None] | None = None
     # Filled while the probe runs, so evidence survives a deadline or a failure.
@@ -97,8 +100,16 @@ class ProbeContext:
         The response is judged by the run's hit rule; ``cacheable`` is the part of the prompt
         that could be served from cache (default: all of it; partial: the shared prefix).
         """
+        span_id = tracecontext.new_span_id()
         request = self.adapter.chat_request(self.model, prompt, stream=self.adapter.stream)
-        record = RequestRecord(label=label, cold=cold, started_at=self.clock.time())
+        # Every attempt carries it (the transport resends this request); so does the replay.
+        # Ours replaces any configured in extra_headers: one run, one trace.
+        headers = {k: v for k, v in request.headers.items() if k.lower() != tracecontext.HEADER}
+        headers[tracecontext.HEADER] = tracecontext.traceparent(self.trace_id, span_id)
+        request = replace(request, headers=headers)
+        record = RequestRecord(
+            label=label, cold=cold, started_at=self.clock.time(), span_id=span_id
+        )
         self.records.append(record)
         exchange = await self.transport.complete(
             self.adapter,
@@ -188,6 +199,7 @@ def new_result(ctx: ProbeContext, probe: str, verdict: Verdict = Verdict.ERROR) 
         started_at=now,
         finished_at=now,
         requests=ctx.records,
+        trace_id=ctx.trace_id,
     )
 
 

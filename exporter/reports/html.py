@@ -23,8 +23,6 @@ from exporter.reports.model import (
     ReportInfo,
     outcome,
     rfc3339,
-    span_id,
-    trace_id,
 )
 from exporter.reports.svg import Pair, ttft_chart
 from exporter.reports.text import STOP_TEXT
@@ -164,7 +162,7 @@ def _evidence_cells(record: RequestRecord, result: str) -> list[object]:
 
 
 def evidence_table(records: Sequence[RequestRecord], no_faster: Sequence[bool | None]) -> str:
-    spans = [span_id(r) for r in records]
+    spans = [r.span_id for r in records]
     headers = [*_EVIDENCE_HEADERS, *(["span id"] if any(spans) else [])]
     rows = []
     for i, (record, slow, span) in enumerate(zip(records, no_faster, spans, strict=True), 1):
@@ -233,7 +231,7 @@ def _verdict_rows(results: Sequence[ProbeResult], *, with_time: bool) -> list[li
             _findings(r) or None,
             error,
             r.run_id,
-            trace_id(r),
+            r.trace_id,
         ]
         rows.append(row)
     return rows
@@ -318,7 +316,7 @@ def _class_rows(name: str, stats: ClassStats) -> list[object]:
 
 def _load_evidence(requests: Sequence[LoadRequest]) -> str:
     shown = requests[:MAX_EVIDENCE_ROWS]
-    spans = any(span_id(r.record) for r in shown)
+    spans = any(r.record.span_id for r in shown)
     headers = ["#", "sent s", "attempts", *_EVIDENCE_HEADERS[1:], *(["span id"] if spans else [])]
     rows = []
     for r in shown:
@@ -326,7 +324,7 @@ def _load_evidence(requests: Sequence[LoadRequest]) -> str:
         result = "cancelled" if r.cancelled else outcome(r.record)
         cells: list[object] = [r.index, num(r.sent_at), statuses]
         cells += _evidence_cells(r.record, result)
-        rows.append([*cells, *([span_id(r.record)] if spans else [])])
+        rows.append([*cells, *([r.record.span_id] if spans else [])])
     more = len(requests) - len(shown)
     note = f'<p class="muted">{more} more requests: see --format csv.</p>' if more > 0 else ""
     return table(headers, rows, element_id="evidence", numeric=(0, 1, *range(4, 13))) + note

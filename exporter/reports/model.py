@@ -3,7 +3,8 @@
 Reports are built from the values the probes and the load test already produce
 (``ProbeResult`` with its ``RequestRecord`` evidence, ``LoadResult``); nothing here sends,
 stores or decides anything. Trace context (a run's ``trace_id``, a request's ``span_id``) is
-shown wherever the evidence carries it; evidence recorded without it shows nothing extra.
+shown wherever the evidence carries it; evidence stored before it was recorded (None) shows
+nothing extra.
 """
 
 from __future__ import annotations
@@ -58,18 +59,6 @@ class HistoryReport:
     info: ReportInfo
     runs: Sequence[ProbeResult]  # newest first, as the store returns them
     query: HistoryQuery = field(default_factory=HistoryQuery)
-
-
-def trace_id(result: object) -> str | None:
-    """The run's W3C trace id, once results carry one (older evidence has none)."""
-    value = getattr(result, "trace_id", None)
-    return value if isinstance(value, str) and value else None
-
-
-def span_id(record: RequestRecord) -> str | None:
-    """The request's W3C span id, once evidence carries one (older evidence has none)."""
-    value = getattr(record, "span_id", None)
-    return value if isinstance(value, str) and value else None
 
 
 def rfc3339(epoch: float) -> str:

@@ -21,8 +21,6 @@ from exporter.reports.model import (
     ProbeReport,
     ReportInfo,
     rfc3339,
-    span_id,
-    trace_id,
 )
 from exporter.results import ProbeResult
 
@@ -132,8 +130,7 @@ def _probe_rows(result: ProbeResult) -> Iterable[dict[str, Any]]:
             "verdict": result.verdict.value,
             "index": i,
             **record.to_dict(),
-            "trace_id": trace_id(result),
-            "span_id": span_id(record),
+            "trace_id": result.trace_id,
         }
 
 
@@ -158,7 +155,6 @@ def _load_row(request: LoadRequest, trace: str | None) -> dict[str, Any]:
         "cacheable_tokens": request.cacheable_tokens,
         **request.record.to_dict(),
         "trace_id": trace,
-        "span_id": span_id(request.record),
     }
 
 
@@ -174,7 +170,7 @@ def history_rows(report: HistoryReport) -> list[dict[str, Any]]:
     """Runs as ``/api/runs`` shows them (one shape for the API and the export)."""
     from exporter.server import run_to_json  # the HTTP side is heavy; only history needs it
 
-    return [{**run_to_json(r), "trace_id": trace_id(r)} for r in report.runs]
+    return [run_to_json(r) for r in report.runs]
 
 
 def history_json(report: HistoryReport) -> str:

@@ -14,14 +14,7 @@ from collections.abc import Mapping
 
 from exporter.loadtest.result import ClassStats, LoadResult
 from exporter.loadtest.stats import Summary
-from exporter.reports.model import (
-    HistoryReport,
-    LoadReport,
-    ProbeReport,
-    outcome,
-    rfc3339,
-    trace_id,
-)
+from exporter.reports.model import HistoryReport, LoadReport, ProbeReport, outcome, rfc3339
 from exporter.results import ProbeResult, RequestRecord
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -68,7 +61,7 @@ def probe_heading(probe: str) -> list[str]:
     return [
         f"\n== {probe} ==",
         f"  {'#':>2}  {'request':<22} {'status':>6} {'att':>3} {'prompt':>7} {'cached':>7} "
-        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8}  result",
+        f"{'own':>6} {'write':>6} {'compl':>5} {'latency':>8} {'ttft':>8} {'span':<16}  result",
     ]
 
 
@@ -83,7 +76,8 @@ def probe_row(index: int, record: RequestRecord, no_faster: bool | None) -> str:
         f"{clean(r.prompt_tokens):>7} {clean(r.cached_tokens):>7} "
         f"{clean(r.run_cached_tokens):>6} {clean(r.cache_write_tokens):>6} "
         f"{clean(r.completion_tokens):>5} {_secs(r.latency_seconds):>8} "
-        f"{_secs(r.ttft_seconds):>8}  {clean(outcome(r, no_faster))}"
+        f"{_secs(r.ttft_seconds):>8} {clean(r.span_id or '-'):<16}  "
+        f"{clean(outcome(r, no_faster))}"
     )
 
 
@@ -95,6 +89,8 @@ def probe_findings(result: ProbeResult) -> list[str]:
         f"{result.probe}: {result.verdict.value}  (caching works: {works}, hit ratio: "
         f"{ratio(result.hit_ratio)}, run {result.run_id}, {result.duration_seconds:.2f}s)"
     ]
+    if result.trace_id:
+        lines.append(f"  trace {result.trace_id}")
     if result.error:
         lines.append(f"  error ({result.error_type}): {clean(result.error)}")
     if result.baseline_tokens is not None:
@@ -263,13 +259,12 @@ def history_text(report: HistoryReport) -> str:
     for run in report.runs:
         ttft = run.ttft
         error = f"{run.error_type}: {run.error}" if run.error_type else ""
-        trace = trace_id(run)
         lines.append(
             f"{rfc3339(run.finished_at):<20} {clean(run.provider)[:12]:<12} "
             f"{clean(run.model)[:24]:<24} {clean(run.probe)[:12]:<12} "
             f"{run.verdict.value:<13} {ratio(run.hit_ratio):>9} "
             f"{seconds(ttft.cold_seconds):>9} {seconds(ttft.warm_seconds):>9}  "
-            f"{clean(error)}" + (f" trace {trace}" if trace else "")
+            f"{clean(error)}" + (f" trace {run.trace_id}" if run.trace_id else "")
         )
     if not report.runs:
         lines.append("(no runs match)")

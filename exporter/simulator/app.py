@@ -35,6 +35,8 @@ BANNER = "prompt-cache-exporter SIMULATOR — not a real LLM provider"
 # Past the cap the body is read and dropped up to this much, so the client (which sends
 # the whole body before it reads the answer) receives the 413 rather than a reset.
 _DRAIN_LIMIT = 256 * 1024 * 1024
+# A valid traceparent is 55 characters; anything longer is logged cut (it is for reading).
+_TRACEPARENT_MAX = 128
 
 
 class _SimulatorHeader:
@@ -145,6 +147,7 @@ class _ChatHandler:
             stream=False,
             time=state.clock.time(),
             request_id=request_id,
+            traceparent=_traceparent(request),
         )
         try:
             response = await self._handle(request, headers, entry)
@@ -233,6 +236,12 @@ class _ChatHandler:
         if model.fault == "slow":
             return _DelayedResponse(response, model.slow_seconds, state.clock)
         return response
+
+
+def _traceparent(request: Request) -> str | None:
+    # As received (the log is for checking what clients send), cut to a sane length.
+    value = request.headers.get("traceparent")
+    return None if value is None else value[:_TRACEPARENT_MAX]
 
 
 def _reported_cache(

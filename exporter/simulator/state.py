@@ -61,6 +61,8 @@ class LogEntry:
     cost_usd: float = 0.0
     cost_diem: float = 0.0
     fault: str | None = None
+    # The W3C traceparent the request carried, as a tracing gateway logs it (capped).
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)

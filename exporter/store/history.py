@@ -27,9 +27,9 @@ _CLEANUP_BATCH: Final = 5000  # rows per delete transaction: the write lock is n
 # INSERT OR REPLACE: a write retried after a commit whose acknowledgement was lost is harmless.
 _INSERT_RUN: Final = """INSERT OR REPLACE INTO probe_runs (run_id, provider, model, probe,
     verdict, caching_works, hit_ratio, success, error_type, error, started_at, finished_at,
-    duration_seconds, details) VALUES (:run_id, :provider, :model, :probe, :verdict,
+    duration_seconds, details, trace_id) VALUES (:run_id, :provider, :model, :probe, :verdict,
     :caching_works, :hit_ratio, :success, :error_type, :error, :started_at, :finished_at,
-    :duration_seconds, :details)"""
+    :duration_seconds, :details, :trace_id)"""
 _INSERT_USAGE: Final = """INSERT OR REPLACE INTO token_usage (run_id, provider, model,
     prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, spend_usd, savings_usd,
     at) VALUES (:run_id, :provider, :model, :prompt_tokens, :cached_tokens, :cache_write_tokens,
@@ -89,6 +89,7 @@ class ProbeStore(Protocol):
         probe: str | None = None,
         limit: int = 50,
         since: float | None = None,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]: ...
     async def latest_results(self) -> list[ProbeResult]: ...
     async def reliability_stats(
@@ -169,14 +170,18 @@ class Store(Ledger):
         probe: str | None = None,
         limit: int = 50,
         since: float | None = None,
+        trace_id: str | None = None,
     ) -> list[ProbeResult]:
         """Runs matching every filter given, newest (by finish time) first; ``limit`` is
-        capped at ``MAX_RECENT_RUNS``; ``since`` keeps runs finished at or after it."""
+        capped at ``MAX_RECENT_RUNS``; ``since`` keeps runs finished at or after it;
+        ``trace_id`` finds the run whose requests carried that W3C trace."""
         if (limit := min(int(limit), MAX_RECENT_RUNS)) <= 0:
             return []
-        where, params = _where(provider=provider, model=model, probe=probe, since=since)
-        sql = f"SELECT details FROM probe_runs WHERE {where} ORDER BY finished_at DESC, id DESC"  # noqa: S608
-        rows = await self._select("read", sql + " LIMIT ?", [*params, limit])
+        filters = {"provider": provider, "model": model, "probe": probe, "trace_id": trace_id}
+        where, params = _where(**filters, since=since)
+        order = "ORDER BY finished_at DESC, id DESC LIMIT ?"
+        sql = f"SELECT details FROM probe_runs WHERE {where} {order}"  # noqa: S608 - fixed clauses
+        rows = await self._select("read", sql, [*params, limit])
         # Decoding a thousand runs takes tens of milliseconds: off the loop that times probes.
         return await anyio.to_thread.run_sync(_decode, rows)
 
@@ -214,8 +219,10 @@ class Store(Ledger):
         deleted = 0
         try:
             for table, key, condition in _CLEANUP:
-                inner = f"SELECT {key} FROM {table} WHERE {condition} LIMIT {_CLEANUP_BATCH}"  # noqa: S608
-                sql = f"DELETE FROM {table} WHERE ({key}) IN ({inner}) RETURNING 1"  # noqa: S608
+                sql = (
+                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
+                    f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
+                )
                 delete = partial(_count, sql=sql, params=params)
                 for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
                     deleted += (count := await self.run(delete, transaction=True))
