@@ -24,30 +24,21 @@ from exporter.webconfig.source import WebConfigSource
 
 log = logging.getLogger("exporter.webconfig")
 
-# Verified against when the user name is unknown, so an unknown user costs as much as a wrong
-# password (no user enumeration by timing). The toolkit's own: bcrypt("fakepassword"), cost 10.
+# The toolkit's own dummy, bcrypt("fakepassword") at cost 10 (see BasicAuthenticator).
 _DUMMY_HASH_COST_10: Final = b"$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 _FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
 _SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect
 _SUSPECT_QUEUE: Final = 4  # suspect checks waiting at most; beyond, refused without bcrypt
 _MAX_CLIENTS: Final = 4096  # clients remembered (bounded memory)
-_CacheKey = tuple[bytes, str, bytes]
 
 
 class WebConfigMiddleware:
-    """Applies the web config in force to every HTTP request, before any endpoint runs.
-
-    Order, as in the toolkit: a config that does not load → 500; rate limit → 429; then the
-    configured headers go on every response (401s included) and basic auth is required on
-    every path (the toolkit wraps the whole mux; /healthz is no exception).
-    """
+    """Applies the web config in force to every HTTP request, in the toolkit's order: a config
+    that does not load → 500; rate limit → 429; basic auth on every path (/healthz too); the
+    configured headers on every response, 401s included."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        source: WebConfigSource,
-        authenticator: BasicAuthenticator | None = None,
+        self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator | None
     ) -> None:
         self.app, self.source = app, source
         self.authenticator = authenticator or BasicAuthenticator()
@@ -67,15 +58,15 @@ class WebConfigMiddleware:
         # A credential that already passed skips the rate limit: an unauthenticated flood
         # must not make Prometheus' scrapes 429.
         known = bool(config.users) and self.authenticator.cached(config.users, authorization)
+        peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
             return
-        if config.users and not known:
-            peer = str(scope["client"][0]) if scope.get("client") else None
-            if not await self.authenticator.check(config.users, authorization, peer):
-                headers = {**config.headers, "WWW-Authenticate": "Basic"}
-                await PlainTextResponse("Unauthorized\n", 401, headers)(scope, receive, send)
-                return
+        open_door = known or not config.users
+        if not open_door and not await self.authenticator.check(config.users, authorization, peer):
+            headers = {**config.headers, "WWW-Authenticate": "Basic"}
+            await PlainTextResponse("Unauthorized\n", 401, headers)(scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -83,36 +74,34 @@ class WebConfigMiddleware:
                 MutableHeaders(scope=message).update(config.headers)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers if config.headers else send)
+        await self.app(scope, receive, send_with_headers)
 
     def _allow(self, limit: RateLimit | None) -> bool:
         """A token bucket of ``burst`` requests, refilled one per ``interval``."""
         if limit is None:
-            self._bucket = None
             return True
         now = time.monotonic()
-        previous, tokens, at = self._bucket or (limit, float(limit.burst), now)
+        previous, tokens, at = self._bucket or (limit, limit.burst, now)
         if previous != limit:  # a new limit starts full
-            tokens, at = float(limit.burst), now
-        tokens = min(float(limit.burst), tokens + (now - at) / limit.interval)
-        allowed = tokens >= 1.0
-        self._bucket = (limit, tokens - 1.0 if allowed else tokens, now)
-        return allowed
+            tokens, at = limit.burst, now
+        tokens = min(limit.burst, tokens + (now - at) / limit.interval)
+        self._bucket = (limit, tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
 
 
 class BasicAuthenticator:
-    """Checks ``Authorization: Basic`` against bcrypt hashes, cheaply after the first time.
+    """Checks ``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth").
 
-    Successes are cached (bcrypt's cost is paid once per credential); failures are not, take
-    as long as the slowest check so far, and clients that keep failing wait in a short queue
-    of their own (docs/http.md, "Basic auth details" and "Hostile clients").
+    Successes are cached, so bcrypt's cost is paid once per credential. Failures are not; an
+    unknown user is checked against a dummy hash of the highest configured cost, and every
+    failure takes as long as the slowest check so far, so timing reveals nothing. bcrypt runs
+    in a worker thread one check at a time, as in the toolkit; clients that keep failing wait
+    on a limiter and a short queue of their own, so a flood waits behind itself.
     """
 
     def __init__(self, *, cache_size: int = 256) -> None:
-        self._cache: OrderedDict[_CacheKey, None] = OrderedDict()
+        self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()
         self._cache_size = cache_size
-        # bcrypt runs in a worker thread, one check at a time (the toolkit serialises it too);
-        # suspects on their own limiter, so a flood waits behind itself.
         self._limiter, self._suspect_limiter = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
         self._suspects_waiting = 0
         self._inflight: Counter[str] = Counter()
@@ -124,11 +113,8 @@ class BasicAuthenticator:
 
     def cached(self, users: Mapping[str, str], authorization: str | None) -> bool:
         """A credential that already passed: no bcrypt, no queue, no rate limit."""
-        credentials = parse_basic_auth(authorization)
-        if credentials is None:
-            return False
-        key, hashed = _cache_key(users, *credentials)
-        if hashed is None or key not in self._cache:
+        key = _cache_key(users, parse_basic_auth(authorization))
+        if key is None or key not in self._cache:
             return False
         self._cache.move_to_end(key)
         return True
@@ -141,8 +127,8 @@ class BasicAuthenticator:
         if (credentials := parse_basic_auth(authorization)) is None:
             return False  # names no user: nothing to verify
         started, name = time.monotonic(), client or "?"
-        key, hashed = _cache_key(users, *credentials)
-        target = hashed.encode("ascii") if hashed else await self._dummy_hash(users)
+        key = _cache_key(users, credentials)
+        target = key[1].encode("ascii") if key else await self._dummy_hash(users)
         suspect = self._recent_failures(name, started) + self._inflight[name] >= _SUSPECT_AFTER
         if suspect and self._suspects_waiting >= _SUSPECT_QUEUE:
             self.refused_unverified += 1
@@ -155,10 +141,9 @@ class BasicAuthenticator:
         finally:
             self._suspects_waiting -= suspect
             self._inflight[name] -= 1
-            if not self._inflight[name]:
-                del self._inflight[name]
+            self._inflight += Counter()  # drops clients with no check in flight
         self.verifications += 1
-        if not ok or hashed is None:
+        if not ok or key is None:
             return await self._failed(name, started)
         self._cache[key] = None
         if len(self._cache) > self._cache_size:
@@ -177,33 +162,30 @@ class BasicAuthenticator:
             self._failures.popitem(last=False)
         # At most one line per client and minute reaches the log (exporter.asgi's filter).
         log.warning("web: basic auth failed for a client (%d failures in the last minute)", count)
-        # Every failure takes as long as the slowest check so far: unknown users, cheap
-        # hashes and refused guesses look alike from outside.
         elapsed = time.monotonic() - started
         self._slowest = max(self._slowest, elapsed)
         await anyio.sleep(self._slowest - elapsed)
         return False
 
     async def _dummy_hash(self, users: Mapping[str, str]) -> bytes:
-        """A hash of the highest configured cost: an unknown user costs as much as a known one."""
         costs = [int(m.group(1)) for h in users.values() if (m := BCRYPT_HASH.fullmatch(h))]
         if (cost := max(costs, default=10)) not in self._dummy:
-            salt = bcrypt.gensalt(cost)
             self._dummy[cost] = await anyio.to_thread.run_sync(
-                bcrypt.hashpw, b"not a password of anyone", salt, limiter=self._limiter
+                bcrypt.hashpw, b"not a password", bcrypt.gensalt(cost), limiter=self._limiter
             )
         return self._dummy[cost]
 
 
 def _cache_key(
-    users: Mapping[str, str], user: bytes, password: bytes
-) -> tuple[_CacheKey, str | None]:
-    """The success-cache key and the user's hash; names compared in constant time."""
-    hashed: str | None = None
-    for name, candidate in users.items():  # no early exit: time does not depend on rank
-        if hmac.compare_digest(name.encode("utf-8"), user):
-            hashed = candidate
-    return (user, hashed or "", hashlib.sha256(password).digest()), hashed
+    users: Mapping[str, str], credentials: tuple[bytes, bytes] | None
+) -> tuple[bytes, str, bytes] | None:
+    """(user, hash, sha256 of the password) for a configured user, else None. Names are
+    compared in constant time, with no early exit: time does not depend on rank."""
+    if credentials is None:
+        return None
+    user, password = credentials
+    hashed = [h for name, h in users.items() if hmac.compare_digest(name.encode("utf-8"), user)]
+    return (user, hashed[0], hashlib.sha256(password).digest()) if hashed else None
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
@@ -216,11 +198,9 @@ def _checkpw(password: bytes, hashed: bytes) -> bool:
 def parse_basic_auth(header: str | None) -> tuple[bytes, bytes] | None:
     """(user, password) as bytes from an ``Authorization`` value, or None if not Basic."""
     scheme, _, encoded = (header or "").partition(" ")
-    if scheme.lower() != "basic" or not encoded.strip():
-        return None
     try:
         decoded = base64.b64decode(encoded.strip().encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         return None
     user, sep, password = decoded.partition(b":")
-    return (user, password) if sep else None
+    return (user, password) if sep and scheme.lower() == "basic" else None
