@@ -1,8 +1,5 @@
-"""The connection, its transactions, and what happens when the database misbehaves.
-
-Faults never escape ``submit`` and ``read``: one log line, ``on_error(operation)``, and a
-failed write waits in a bounded FIFO queue that lands, in order, on the next write or flush.
-"""
+"""The connection, its transactions, and faults: never raised by ``submit`` and ``read``, but
+logged, reported to ``on_error`` and, for writes, queued for retry (docs/storage.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ _CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself i
 
 Connection = aiosqlite.Connection
 Body = Callable[[Connection], Awaitable[T]]
-Connector = Callable[[Path, float], Awaitable[Connection]]
-"""Opens the connection: ``(path, busy_timeout_seconds) -> connection`` in autocommit mode."""
+Connector = Callable[[Path, float], Awaitable[Connection]]  # (path, busy timeout) -> connection
 
 
 async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
@@ -50,11 +46,8 @@ class _Write:
 
 
 class Engine:
-    """One aiosqlite connection behind an anyio lock, (re)opened when needed: ``Store``'s base.
-
-    Work on the connection runs under a cancel shield, so a cancelled caller never leaves a
-    transaction half done.
-    """
+    """One aiosqlite connection behind a lock, (re)opened when needed; work on it runs under a
+    cancel shield, so a cancelled caller never leaves a transaction half done."""
 
     def __init__(
         self,
@@ -89,19 +82,13 @@ class Engine:
         max_pending: int = 10_000,  # failed writes kept in memory for retry
         connector: Connector = connect_sqlite,
     ) -> Self:
-        """Open (creating directories and the file), check and migrate the database.
-
-        Raises ``StoreError`` with one line when it cannot be used at start (a newer schema:
-        ``SchemaTooNewError``; a corrupted file); later faults are handled, never raised.
-        ``connector`` opens the aiosqlite connection (tests inject faults with it).
-        """
+        """Open (creating directories and the file), check and migrate the database; raise
+        ``StoreError`` (one line) when it cannot be used. Tests inject faults via ``connector``."""
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
         created = not store.path.exists()
         try:
             await store.run(_nothing)  # connects: checks and migrates
-        except StoreError:
-            raise
-        except FAULTS as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
         if created:
             log.info("store: created a new database %s (no earlier history or budget use)", path)
@@ -127,7 +114,7 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        """Can record: the last write (or drain) succeeded and the store is open."""
+        """The last write (or drain) succeeded and the store is open."""
         return self._healthy and not self._closed
 
     @property
@@ -186,7 +173,7 @@ class Engine:
                 log.exception("store: on_error callback failed")
 
     async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
-        """Runs on every new connection before anything else (the ledger's hook)."""
+        """The ledger's hook, run on every new connection before anything else."""
 
     async def _run(self, body: Body[T], *, transaction: bool) -> T:
         try:
@@ -205,10 +192,8 @@ class Engine:
 
     async def _drain(self) -> BaseException | None:
         """Commit queued writes in order, one transaction each; stop at a fault and return it.
-
-        A write the database refuses (a constraint: the row itself), or that fails with a bug,
-        would fail on every retry: it is dropped instead of blocking the queue.
-        """
+        A write refused by a constraint, or failing with a bug, would fail on every retry: it
+        is dropped instead of blocking the queue."""
         while self._pending:  # bounded: every pass lands or drops the head, or returns
             write = self._pending[0]
             with anyio.CancelScope(shield=True):
@@ -244,13 +229,11 @@ class Engine:
         # Compared before reopening: a new file may well reuse the freed inode number. Until
         # _prepare succeeds on a replacing file, _identity stays that of the one it replaced.
         replaced = self._identity is not None and current != self._identity
-        self._conn = await self._connect(
-            check=self._identity is None or replaced, replaced=replaced
-        )
+        self._conn = await self._connect(first=self._identity is None, replaced=replaced)
         self._identity = _file_identity(self.path)
         return self._conn
 
-    async def _connect(self, *, check: bool, replaced: bool) -> Connection:
+    async def _connect(self, *, first: bool, replaced: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
@@ -258,17 +241,17 @@ class Engine:
                 # Lets cleanup return pages without VACUUM. Only possible before the first
                 # table exists, and a write (which fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
-            elif check:  # at start, and on a file that replaced ours
+            elif first or replaced:
                 await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
                 log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
             # FULL: every commit is fsynced, so a committed reservation survives power loss.
             # busy_timeout again, so that a custom connector cannot leave it at 0.
             busy_ms = max(0, int(self._busy_timeout * 1000))
-            pragmas = (
-                f"synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
+            await conn.executescript(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+                f" PRAGMA busy_timeout = {busy_ms}"
             )
-            await conn.executescript(f"PRAGMA {pragmas}")
             await migrate(conn, now=self._clock.time())
             await self._prepare(conn, replaced=replaced)
         except BaseException:

@@ -1,8 +1,5 @@
 """The store: probe history, token usage, balances and model state, on top of the ledger.
-
-``ProbeStore`` is the part the recorder and the HTTP side depend on. Values are always bound
-parameters; only the fixed table and column names below go into SQL text.
-"""
+Values are always bound parameters; only the fixed names below go into SQL text."""
 
 from __future__ import annotations
 
@@ -119,10 +116,7 @@ class Store(Ledger):
     async def record_run(
         self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
     ) -> None:
-        """Store a run and its token usage in one transaction (queued for retry on failure).
-
-        ``details`` (the whole result) is what is read back; the other columns filter.
-        """
+        """Store a run and its token usage in one transaction (queued for retry on failure)."""
         requests, data = result.requests, result.to_dict()
         row = data | {
             "success": result.success,
@@ -172,9 +166,8 @@ class Store(Ledger):
         since: float | None = None,
         trace_id: str | None = None,
     ) -> list[ProbeResult]:
-        """Runs matching every filter given, newest (by finish time) first; ``limit`` is
-        capped at ``MAX_RECENT_RUNS``; ``since`` keeps runs finished at or after it;
-        ``trace_id`` finds the run whose requests carried that W3C trace."""
+        """Runs matching every filter given (``since``: finished at or after), newest first,
+        at most ``MAX_RECENT_RUNS``."""
         if (limit := min(int(limit), MAX_RECENT_RUNS)) <= 0:
             return []
         filters = {"provider": provider, "model": model, "probe": probe, "trace_id": trace_id}
@@ -210,11 +203,8 @@ class Store(Ledger):
         return {(row[0], row[1]): ModelState(*row) for row in rows}
 
     async def cleanup(self, *, older_than: float) -> int:
-        """Delete history older than ``older_than``; return the number of rows deleted.
-
-        Retention never gives budget back (docs/storage.md, "Retention"). Each batch is its
-        own transaction, so reservations never wait long for the write lock.
-        """
+        """Delete history older than ``older_than`` in batches, so reservations never wait long
+        for the write lock; return the number of rows deleted (docs/storage.md, "Retention")."""
         params = {"cutoff": float(older_than), "now": self._clock.time()}
         deleted = 0
         try:
@@ -276,7 +266,3 @@ def _decode(rows: Iterable[Any]) -> list[ProbeResult]:
             # One unreadable row (hand-edited, or from a newer exporter) must not hide the rest.
             log.warning("store: skipping a stored run that cannot be read: %s", exc)
     return results
-
-
-def _implements_probe_store(store: Store) -> ProbeStore:  # pragma: no cover
-    return store  # never called: mypy checks here that Store keeps implementing the Protocol

@@ -1,8 +1,5 @@
-"""The budget ledger: reserve before sending, settle after, totals that never reset silently.
-
-``budget_windows`` keeps each window's running total, changed in the transaction of every
-reservation and settlement (docs/storage.md, "Budget").
-"""
+"""The budget ledger: reserve before sending, settle after, totals that never reset silently
+(docs/storage.md, "Budget")."""
 
 from __future__ import annotations
 

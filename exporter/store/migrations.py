@@ -1,7 +1,5 @@
-"""Forward-only, numbered schema migrations; ``PRAGMA user_version`` = migrations applied.
-
-Never edit a released migration: append a new one (docs/storage.md, "Migrations").
-"""
+"""Forward-only schema migrations; ``PRAGMA user_version`` = migrations applied. Never edit a
+released migration: append a new one (docs/storage.md, "Migrations")."""
 
 from __future__ import annotations
 
@@ -31,11 +29,7 @@ class Migration:
     statements: tuple[str, ...]
 
 
-# probe_runs.details is ProbeResult.to_dict() as JSON, the source of truth on read; the other
-# columns are what queries filter and sort on. Money in the ledger is integer nano-USD.
-# budget_windows holds running totals per provider and window, maintained in the transaction
-# of every ledger insert/settle: the check reads one row per window, and retention can delete
-# old ledger rows without changing what the current windows have used.
+# docs/storage.md explains each table ("Schema").
 _INITIAL = Migration(
     "initial schema",
     (
@@ -48,7 +42,6 @@ _INITIAL = Migration(
         "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
         "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
         "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
-        # cached/cache_write NULL = no request of the run reported the field.
         """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
         REFERENCES probe_runs (run_id) ON DELETE CASCADE, provider TEXT NOT NULL,
         model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER,
@@ -82,8 +75,7 @@ _INITIAL = Migration(
     ),
 )
 
-# A run's W3C trace id, so /api/runs?trace_id= finds the run of a gateway's trace with one
-# index seek. Rows from before stay NULL (they carried no trace).
+# Rows from before stay NULL (they carried no trace).
 _TRACE_ID = Migration(
     "probe_runs.trace_id",
     (
@@ -94,7 +86,6 @@ _TRACE_ID = Migration(
 
 MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _TRACE_ID)
 
-# Machinery rather than a migration: when each migration was applied.
 _AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,
     name TEXT NOT NULL, applied_at REAL NOT NULL)"""
 
@@ -102,11 +93,8 @@ _AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER 
 async def atomically(
     conn: aiosqlite.Connection, body: Callable[[aiosqlite.Connection], Awaitable[T]]
 ) -> T:
-    """``body`` in one ``BEGIN IMMEDIATE`` transaction: committed whole or rolled back.
-
-    IMMEDIATE takes the write lock before anything is read, so nothing ``body`` reads can
-    change before it writes (the budget check relies on it). A failed ROLLBACK raises.
-    """
+    """``body`` in one transaction, committed whole or rolled back. IMMEDIATE takes the write
+    lock before anything is read, so nothing ``body`` reads can change before it writes."""
     await conn.execute_fetchall("BEGIN IMMEDIATE")
     try:
         result = await body(conn)
@@ -119,8 +107,8 @@ async def atomically(
 
 
 async def schema_version(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
-    return int(rows[0][0])
+    ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
+    return int(version)
 
 
 def _too_new(version: int, latest: int) -> SchemaTooNewError:
@@ -133,11 +121,8 @@ def _too_new(version: int, latest: int) -> SchemaTooNewError:
 async def migrate(
     conn: aiosqlite.Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
 ) -> int:
-    """Bring the schema up to date (``conn`` in autocommit mode); return the version after.
-
-    Raises ``SchemaTooNewError`` for a file from a newer exporter, sqlite3 errors when a
-    statement fails (that migration is rolled back; earlier ones stay applied).
-    """
+    """Bring the schema up to date, one transaction per migration; return the version after.
+    Raises ``SchemaTooNewError`` for a file from a newer exporter."""
     latest = len(migrations)
     if (version := await schema_version(conn)) > latest:
         raise _too_new(version, latest)
@@ -158,8 +143,7 @@ async def _apply(
     await conn.execute_fetchall(_AUDIT_TABLE)
     for statement in migration.statements:
         await conn.execute_fetchall(statement)
-    # PRAGMA takes no bound parameters; the number is an int we control.
-    await conn.execute_fetchall(f"PRAGMA user_version = {number}")
+    await conn.execute_fetchall(f"PRAGMA user_version = {number}")  # PRAGMA binds nothing
     await conn.execute_fetchall(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
         (number, migration.name, now),

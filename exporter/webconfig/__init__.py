@@ -1,10 +1,5 @@
-"""TLS, basic auth and response headers from a web config file in exporter-toolkit's format
-(docs/http.md lists the subset and every difference).
-
-Modules, each importing only those before it: ``models`` (the file's pydantic models),
-``tls`` (SSL contexts), ``source`` (loading the file and following its changes),
-``middleware`` (the ASGI layer: headers, rate limit, basic auth).
-"""
+"""TLS, basic auth and response headers from an exporter-toolkit web config (docs/http.md).
+Modules import only those before them: models, tls, source, middleware."""
 
 from exporter.webconfig.middleware import BasicAuthenticator, WebConfigMiddleware, parse_basic_auth
 from exporter.webconfig.models import RateLimit, TLSServerConfig, WebConfig, WebConfigError

@@ -1,8 +1,4 @@
-"""The web config file as pydantic models, with exporter-toolkit's names and rules.
-
-A Go setting that Python's ``ssl`` cannot honour exactly is refused with a message saying so,
-never silently weakened (docs/http.md lists every difference).
-"""
+"""The web config file as pydantic models, with exporter-toolkit's names and rules."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -75,17 +71,6 @@ class _Model(BaseModel):
         return {key: value for key, value in data.items() if value not in ("", None)}
 
 
-def _version(value: Any) -> ssl.TLSVersion:
-    if isinstance(value, ssl.TLSVersion):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    if value not in TLS_VERSIONS:
-        expected = ", ".join(TLS_VERSIONS)
-        raise ValueError(f'unknown TLS version "{value}" (expected one of {expected})')
-    return TLS_VERSIONS[value]
-
-
 def _file(value: Any, info: ValidationInfo) -> Path:
     if not isinstance(value, str | Path):
         raise ValueError("must be a string")
@@ -95,12 +80,11 @@ def _file(value: Any, info: ValidationInfo) -> Path:
 Names = tuple[Annotated[StrictStr, Field(min_length=1)], ...]
 Secret = Annotated[StrictStr | None, Field(repr=False)]
 File = Annotated[Path | None, BeforeValidator(_file)]
-Version = Annotated[ssl.TLSVersion, BeforeValidator(_version)]
+Version = Literal["TLS10", "TLS11", "TLS12", "TLS13"]  # Go names, keys of TLS_VERSIONS
 
 
 class TLSServerConfig(_Model):
-    """``tls_server_config``: the file's values; ``tls.build_ssl_context`` checks what they
-    mean together while building a context from them, as the toolkit does."""
+    """``tls_server_config``; ``tls.build_ssl_context`` checks the values together."""
 
     cert: Secret = None
     key: Secret = None
@@ -110,8 +94,8 @@ class TLSServerConfig(_Model):
     client_auth_type: StrictStr = "NoClientCert"  # Go names, as written
     client_ca_file: File = None
     client_allowed_sans: Names = ()
-    min_version: Version = ssl.TLSVersion.TLSv1_2
-    max_version: Version = ssl.TLSVersion.TLSv1_3
+    min_version: Version = "TLS12"
+    max_version: Version = "TLS13"
     cipher_suites: Names = ()  # Go names, as written
     prefer_server_cipher_suites: StrictBool = True
     curve_preferences: Names = ()  # Go names, as written
@@ -120,7 +104,7 @@ class TLSServerConfig(_Model):
     def enabled(self) -> bool:
         """The toolkit's rule: TLS is on when one of these is set; the rest alone does nothing."""
         switches = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
-        return bool(self.model_fields_set & (switches | {"client_auth_type"}))
+        return bool(self.model_fields_set & {*switches, "client_auth_type"})
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -191,7 +175,7 @@ class HTTPServerConfig(_Model):
 
 
 class WebConfigFile(_Model):
-    """The file's layout; ``value()`` is the ``WebConfig`` it describes."""
+    """The file's layout, read as the ``WebConfig`` that ``value()`` returns."""
 
     tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
     http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)

@@ -44,10 +44,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """Read and validate a web config file, loading its certificates to prove they work.
-
-    Raises ``WebConfigError`` with one line naming the key; values are never quoted back.
-    """
+    """Read and validate a web config file, loading its certificates to prove they work;
+    raise ``WebConfigError``, one line naming the key."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
@@ -92,12 +90,9 @@ def _describe(error: ErrorDetails) -> str:
 
 
 class WebConfigSource:
-    """The web config in force, re-read when its file or the files it names change.
-
-    While a changed file does not validate, ``current()`` and ``ssl_context()`` raise
-    ``WebConfigError``: requests get 500 and handshakes fail until it is fixed, as with the
-    toolkit (docs/http.md, "Changes without restart").
-    """
+    """The web config in force, re-read when its file or the files it names change. While a
+    changed file does not validate, ``current()`` and ``ssl_context()`` raise ``WebConfigError``
+    (docs/http.md, "Changes without restart")."""
 
     def __init__(
         self,
@@ -132,8 +127,7 @@ class WebConfigSource:
         return str(self._error) if self._error else None
 
     def current(self) -> WebConfig:
-        """The config in force (files checked at most once per interval); raises while the
-        file is invalid."""
+        """The config in force (files checked at most once per interval)."""
         if self._watch and self._monotonic() - self._checked_at >= self._interval:
             self._checked_at = self._monotonic()
             # In the error state retry every interval: the fix may be a file we cannot know
@@ -188,12 +182,12 @@ def server_ssl_context(source: WebConfigSource) -> ssl.SSLContext | None:
 
 def _signature(paths: tuple[Path, ...]) -> list[tuple[int, int, int] | None]:
     """What a change check compares: mtime, size and inode of each file (None: missing)."""
-    stats: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            stats.append(None)
-            continue
-        stats.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return stats
+    return [_stat(path) for path in paths]
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -1,8 +1,5 @@
-"""Server ``SSLContext``s from a ``tls_server_config``.
-
-The settings are checked while the context is built, as the toolkit's ``ConfigToTLSConfig``
-does, so ``load_web_config`` builds one to validate the file.
-"""
+"""Server ``SSLContext``s from a ``tls_server_config``, checked while built as the toolkit's
+``ConfigToTLSConfig`` does; a Go setting ``ssl`` cannot honour exactly is refused."""
 
 from __future__ import annotations
 
@@ -18,7 +15,6 @@ from typing import Any, Final
 from exporter.webconfig.models import TLS_VERSIONS, TLSServerConfig, WebConfigError
 
 log = logging.getLogger("exporter.webconfig")
-_VERSION_NAMES: Final = {version: name for name, version in TLS_VERSIONS.items()}
 
 # Go's names and the verify mode each means here. RequestClientCert: Go asks for a
 # certificate but never checks or uses it, so not asking grants exactly the same access.
@@ -61,10 +57,12 @@ CURVES: Final = {
 def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     """A server SSLContext for ``tls``; raises ``WebConfigError`` naming the key at fault."""
     ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-    if tls.min_version > tls.max_version:
-        low, high = (_VERSION_NAMES[v] for v in (tls.min_version, tls.max_version))
-        raise _error(f"min_version {low} is above max_version {high}")
-    ctx.minimum_version, ctx.maximum_version = tls.min_version, tls.max_version
+    ctx.minimum_version, ctx.maximum_version = (
+        TLS_VERSIONS[tls.min_version],
+        TLS_VERSIONS[tls.max_version],
+    )
+    if ctx.minimum_version > ctx.maximum_version:
+        raise _error(f"min_version {tls.min_version} is above max_version {tls.max_version}")
     if not tls.prefer_server_cipher_suites:
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # on by default
     _set_ciphers(ctx, tls)
@@ -116,7 +114,7 @@ def _set_ciphers(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
         if name not in CIPHERS:
             raise _error(f'unknown cipher "{name}"', "cipher_suites")
     names = [CIPHERS[name] for name in tls.cipher_suites]
-    if names and not any(names) and tls.min_version < ssl.TLSVersion.TLSv1_3:
+    if names and not any(names) and tls.min_version != "TLS13":
         # Go would then fail every TLS 1.2 handshake; say so rather than guess.
         problem = "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites"
         raise _error(f"{problem} too or set min_version: TLS13", "cipher_suites")
@@ -146,7 +144,7 @@ def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
 
 
 def _pem(tls: TLSServerConfig, name: str, what: str) -> tuple[str, bytes]:
-    """The key it comes from (``name`` inline or ``name_file``) and the PEM it holds."""
+    """The key it comes from (``name`` or ``name_file``) and the PEM it holds."""
     path, inline = getattr(tls, f"{name}_file"), getattr(tls, name)
     if path and inline:
         raise _error(f"{name} and {name}_file are mutually exclusive")
