@@ -20,14 +20,8 @@ from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
 
 log = logging.getLogger("exporter.webconfig")
 
-_MESSAGES = {
-    "model_type": "must be a mapping of keys",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "int_type": "must be a non-negative integer",
-    "greater_than_equal": "must be a non-negative integer",
-    "tuple_type": "must be a list of non-empty strings",
-}
+# pydantic's words, but for a mapping: its own names the model class.
+_MODEL_TYPE = "Input should be a mapping of keys"
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -73,19 +67,13 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
 
 def _describe(error: ErrorDetails) -> str:
     """``key.path: problem`` for one pydantic error."""
-    loc, kind, ctx = [], error["type"], error.get("ctx") or {}
-    for part in error["loc"]:
-        if isinstance(part, int):  # an item of a list: the list is wrong
-            kind = "tuple_type"
-            break
-        loc.append(part)
+    loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
+    message = _MODEL_TYPE if kind == "model_type" else error["msg"]
     if kind == "webconfig":
         loc += [] if ctx["key"] is None else [ctx["key"]]
         message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
-    else:
-        message = _MESSAGES.get(kind, error["msg"])
     return f"{'.'.join(map(str, loc)) or 'top level'}: {message}"
 
 
