@@ -17,7 +17,7 @@ import aiosqlite
 import anyio
 
 from exporter.clock import Clock
-from exporter.store.migrations import StoreError, atomically, migrate
+from exporter.store.migrations import StoreError, atomically, migrate, schema_version
 
 log = logging.getLogger("exporter.store")
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class Engine:
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
         created = not store.path.exists()
         try:
-            await store.run(_nothing)  # connects: checks and migrates
+            await store.run(schema_version)  # connects: checks and migrates
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
         if created:
@@ -279,10 +279,6 @@ class Engine:
         with contextlib.suppress(*FAULTS):
             if conn is not None:
                 await conn.close()
-
-
-async def _nothing(conn: Connection) -> None:
-    return None
 
 
 _HAS_LEDGER: Final = "SELECT 1 FROM sqlite_master WHERE name = 'budget_windows'"

@@ -21,6 +21,7 @@ log = logging.getLogger("exporter.store")
 
 MAX_RECENT_RUNS: Final = 1000  # cap on one recent_runs() answer
 _CLEANUP_BATCH: Final = 5000  # rows per delete transaction: the write lock is never held long
+_VACUUM: Final = "PRAGMA incremental_vacuum; PRAGMA optimize"  # free pages back, statistics
 # INSERT OR REPLACE: a write retried after a commit whose acknowledgement was lost is harmless.
 _INSERT_RUN: Final = """INSERT OR REPLACE INTO probe_runs (run_id, provider, model, probe,
     verdict, caching_works, hit_ratio, success, error_type, error, started_at, finished_at,
@@ -218,9 +219,9 @@ class Store(Ledger):
                     deleted += (count := await self.run(delete, transaction=True))
                     if count < _CLEANUP_BATCH:
                         break
-            if deleted:  # hand free pages back to the filesystem, refresh statistics
+            if deleted:
                 self.history_version += 1
-                await self.run(_vacuum)
+                await self.run(lambda conn: conn.executescript(_VACUUM))
         except FAULTS as exc:
             self.report("cleanup", exc)
         return deleted
@@ -251,10 +252,6 @@ def _where(**filters: object) -> tuple[str, list[object]]:
 
 async def _count(conn: Connection, *, sql: str, params: dict[str, float]) -> int:
     return len(list(await conn.execute_fetchall(sql, params)))
-
-
-async def _vacuum(conn: Connection) -> None:
-    await conn.executescript("PRAGMA incremental_vacuum; PRAGMA optimize")
 
 
 def _decode(rows: Iterable[Any]) -> list[ProbeResult]:
