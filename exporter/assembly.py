@@ -39,9 +39,10 @@ def retry_policy(http: HttpConfig) -> RetryPolicy:
     )
 
 
-def probe_settings(probes: ProbesConfig) -> ProbeSettings:
+def probe_settings(probes: ProbesConfig, provider: ProviderConfig | None = None) -> ProbeSettings:
     return ProbeSettings(
         sizes=dict(probes.prompt_sizes.sizes),
         persistence_requests=probes.persistence.requests,
         ttl_delays=tuple(probes.ttl.delays),
+        hit_threshold_tokens=provider.hit_threshold_tokens if provider else None,
     )

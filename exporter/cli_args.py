@@ -11,7 +11,11 @@ import argparse
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
+
+from exporter.config import ProviderConfig, format_validation_error
 from exporter.durations import parse_duration
 from exporter.providers import ADAPTERS, adapter_class
 from exporter.providers.base import ProviderAdapter
@@ -68,6 +72,22 @@ class Target:
                 "(right for local servers)"
             )
         return f"warning: none of {', '.join(variables)} is set: requests go without an API key"
+
+    def provider(self, provider_type: str, **settings: Any) -> ProviderConfig:
+        """The target as a configured provider would be (the same rules and defaults), with
+        the command's ``settings`` (None: the default); UsageError when one is invalid."""
+        try:
+            return ProviderConfig.model_validate(
+                {
+                    "name": "cli",
+                    "type": provider_type,
+                    "base_url": self.base_url,
+                    "api_key_env": self.key_var or "",
+                    **settings,
+                }
+            )
+        except ValidationError as exc:
+            raise UsageError(format_validation_error(exc)) from None
 
 
 def resolve_target(args: argparse.Namespace, env: Mapping[str, str]) -> Target:

@@ -97,7 +97,7 @@ def models_forecast(
     prices: Mapping[str, ModelPrice | None],
 ) -> Forecast:
     """The running exporter's forecast: the models selected, at the prices in force."""
-    settings = probe_settings(config.probes)
+    settings = probe_settings(config.probes, provider)
     total = Forecast()
     for model in models:
         total += model_forecast(config, provider, adapter, settings, model, prices.get(model))
@@ -115,7 +115,7 @@ class ConfigForecast:
     def provider(self, provider: ProviderConfig) -> list[str]:
         config = self.config
         adapter = build_adapter(provider, {})
-        settings = probe_settings(config.probes)
+        settings = probe_settings(config.probes, provider)
         if provider.models:
             forecast = Forecast()
             unpriced = []

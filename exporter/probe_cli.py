@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--persistence-requests", type=int, default=_PROBES.persistence.requests)
     parser.add_argument("--min-cacheable-tokens", type=int, help="override the adapter default")
+    parser.add_argument(
+        "--hit-threshold-tokens",
+        type=int,
+        help="fix the shared baseline instead of learning it (a gateway with a long prefix)",
+    )
     parser.add_argument("--warmup-repeats", type=int, help="override the adapter default")
     parser.add_argument(
         "--max-tokens",
@@ -142,25 +147,23 @@ def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> _Plan:
     for name in ("attempts", "persistence_requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1")
+    if args.hit_threshold_tokens is not None and args.hit_threshold_tokens < 1:
+        raise UsageError("--hit-threshold-tokens: must be at least 1")
     settings = ProbeSettings(
         sizes=_parse_sizes(args.sizes),
         persistence_requests=max(2, args.persistence_requests),
         ttl_delays=_parse_delays(args.ttl_delays),
+        hit_threshold_tokens=args.hit_threshold_tokens,
+    )
+    # The same models (and so the same rules and defaults) as a configured provider.
+    provider = target.provider(
+        args.provider_type,
+        min_cacheable_tokens=args.min_cacheable_tokens,
+        warmup_repeats=args.warmup_repeats,
+        stream=not args.no_stream,
+        max_tokens=args.max_tokens,
     )
     try:
-        # The same models (and so the same rules and defaults) as a configured provider.
-        provider = ProviderConfig.model_validate(
-            {
-                "name": "probe",
-                "type": args.provider_type,
-                "base_url": target.base_url,
-                "api_key_env": target.key_var or "",
-                "min_cacheable_tokens": args.min_cacheable_tokens,
-                "warmup_repeats": args.warmup_repeats,
-                "stream": not args.no_stream,
-                "max_tokens": args.max_tokens,
-            }
-        )
         http = HttpConfig(
             attempts=args.attempts,
             backoff=duration_arg("backoff", args.backoff),

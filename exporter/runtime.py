@@ -145,7 +145,7 @@ def build_runtime(
         build_adapter(provider, env),
         transport,
         PromptFactory(),
-        probe_settings(config.probes),
+        probe_settings(config.probes, provider),
     )
 
 

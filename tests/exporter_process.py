@@ -131,14 +131,15 @@ class ExporterProcess:
 
     def start(self, timeout: float = 30.0) -> ExporterProcess:
         self.log_path = self.config_path.with_suffix(f".{time.monotonic_ns()}.log")
-        log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PCE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "run", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        # The child keeps its own descriptor; ours is closed at once (no leak per start).
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "exporter", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from exporter.assembly import probe_settings
 from exporter.config import (
     PROBE_NAMES,
     Config,
@@ -282,6 +283,9 @@ def test_full_fixture_values():
     assert sim.models == ("sim-cache-ok", "sim-cache-broken")
     assert sim.rate_limit == 120
     assert sim.min_cacheable_tokens == 512
+    # The runtime's probe settings carry the provider's fixed baseline; others learn theirs.
+    assert probe_settings(config.probes, sim).hit_threshold_tokens == 96
+    assert probe_settings(config.probes).hit_threshold_tokens is None
     assert dict(sim.headers) == {
         "HTTP-Referer": "https://example.com",
         "X-Title": "prompt-cache-exporter",

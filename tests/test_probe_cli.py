@@ -133,6 +133,21 @@ async def test_json_verdicts_on_servers_that_cache_the_chat_template(
         }
 
 
+async def test_a_fixed_baseline_overrides_the_learned_one(sim_url: str) -> None:
+    """``--hit-threshold-tokens`` (a provider's ``hit_threshold_tokens``) declares the shared
+    part: set above the whole prompt, no cached token is the run's own, so no hit."""
+    common = ["--base-url", sim_url, "--model", "sim-cache-template", "--probe", "basic", "--json"]
+    proc = await _cli(*common, "--hit-threshold-tokens", "1000000")
+    assert proc.returncode == 1, proc.stderr.decode()
+    (result,) = json.loads(proc.stdout)["probes"]
+    assert result["baseline_tokens"] == 1_000_000
+    assert result["caching_works"] is False
+    assert result["pollution"] is False
+    warm = [r for r in result["requests"] if not r["cold"]]
+    assert warm
+    assert all(r["cached_tokens"] > 0 and r["hit"] is False for r in warm)
+
+
 async def test_text_report_and_replayable_curl(sim_url: str, tmp_path: Path) -> None:
     proc = await _cli(
         "--base-url", sim_url, "--model", "sim-cache-ok", *FAST, "--evidence-dir", str(tmp_path)
@@ -201,6 +216,10 @@ async def test_wrong_key_is_an_auth_error_without_leaking(sim_url: str, tmp_path
         (
             ["--base-url", "http://127.0.0.1:1", "--model", "m", "--attempts", "0"],
             "error: --attempts: must be at least 1",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1:1", "--model", "m", "--hit-threshold-tokens", "0"],
+            "error: --hit-threshold-tokens: must be at least 1",
         ),
     ],
 )

@@ -98,6 +98,9 @@ class ProviderConfig(_Model):
     rate_limit: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     min_cacheable_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     warmup_repeats: int | None = Field(default=None, ge=1, le=20)
+    # Not needed by default (the shared baseline is learned from each run's cold requests):
+    # for a gateway known to put more than 64 tokens of its own before the run id.
+    hit_threshold_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     stream: bool = True
     max_tokens: int = Field(default=8, ge=1, le=4096)
     probes: tuple[str, ...] | None = None

@@ -25,6 +25,7 @@ from typing import TextIO
 import anyio
 
 from exporter import reports
+from exporter.assembly import build_adapter
 from exporter.cli_args import UsageError, add_target_arguments, duration_arg, resolve_target
 from exporter.clock import Clock, SystemClock
 from exporter.exits import (
@@ -199,11 +200,12 @@ async def run(
     try:
         options = _options(args)
         target = resolve_target(args, env)
+        provider = target.provider(args.provider_type)
         output = reports.check_output(args.output)
     except (UsageError, PlanError, reports.OutputError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
-    adapter: ProviderAdapter = target.adapter_class(base_url=target.base_url, api_key=target.key)
+    adapter = build_adapter(provider, env)
     key_var = target.key_var
     prompts = PromptFactory()
     plan = plan_load(
