@@ -98,17 +98,6 @@ class WebConfigSource:
         self.tls_enabled = config.tls is not None  # fixed at start: the socket is TLS or not
         self.generation = 0  # bumped on every successful reload
 
-    @classmethod
-    def from_file(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        check_interval: float = 1.0,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> WebConfigSource:
-        """Load ``path`` (raising ``WebConfigError``) and watch it."""
-        return cls(load_web_config(path), check_interval=check_interval, monotonic=monotonic)
-
     @property
     def error(self) -> str | None:
         """Why the config is not usable right now, or None."""
