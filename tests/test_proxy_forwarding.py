@@ -114,24 +114,73 @@ async def test_a_prefixed_upstream_joins_its_path_before_the_request_path() -> N
     assert upstream_seen == [b"/api/v1/models"]
 
 
+async def _raw_exchange(port: int, request: bytes) -> bytes:
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    answer = b""
+    async with stream:
+        await stream.send(request)
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    answer += await stream.receive()
+            except anyio.EndOfStream:
+                pass
+    return answer
+
+
 async def test_a_target_naming_another_host_is_refused() -> None:
     async with proxy_rig() as rig:
-        stream = await anyio.connect_tcp("127.0.0.1", rig.proxy.address.port)
-        async with stream:
-            await stream.send(
-                b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            answer = b""
-            with anyio.fail_after(10):
-                try:
-                    while True:
-                        answer += await stream.receive()
-                except anyio.EndOfStream:
-                    pass
+        answer = await _raw_exchange(
+            rig.proxy.address.port,
+            b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n"
+            b"Connection: close\r\n\r\n",
+        )
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"x-llmcache-proxy-error: bad_target" in answer
     assert rig.recorder.seen == []
+
+
+async def test_a_header_the_upstream_client_cannot_carry_unchanged_is_refused() -> None:
+    async with proxy_rig() as rig:
+        answer = await _raw_exchange(
+            rig.proxy.address.port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        await rig.idle()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"x-llmcache-proxy-error: bad_request" in answer
+    assert rig.recorder.seen == []
+    assert _count(rig, "proxy_error", "other") == 1
+
+
+async def test_the_environment_http_proxy_carries_the_upstream_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[bytes, bytes | None]] = []
+
+    async def forward_proxy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = next((v for k, v in scope["headers"] if k == b"host"), None)
+            seen.append((scope["raw_path"], host))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    async with serve_asgi(forward_proxy, host="127.0.0.1", port=0) as address:
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", address.url)
+        config = ProxyConfig(
+            name="p", type="openai", listen="127.0.0.1:0", upstream="http://upstream.invalid/v1"
+        )
+        async with (
+            serve_proxy(config, state=TrafficState(), grace=1) as proxy,
+            _client() as client,
+        ):
+            response = await client.get(proxy.url + "/models")
+    assert response.status_code == 204
+    # Absolute-form, as HTTP proxies are asked; the upstream's name resolved by the proxy.
+    assert seen == [(b"http://upstream.invalid/v1/models", b"upstream.invalid")]
 
 
 async def test_a_stream_is_forwarded_byte_for_byte() -> None:

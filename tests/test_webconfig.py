@@ -12,6 +12,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import httpx
@@ -57,6 +58,10 @@ def hash_password(password: str, cost: int = 4) -> str:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def watch(path: Path, **options: Any) -> WebConfigSource:
+    return WebConfigSource(load_web_config(path), **options)
 
 
 def read(path: Path) -> str:
@@ -153,8 +158,7 @@ def test_load_full_config(tmp_path: Path, pki: Pki) -> None:
     assert config.tls is not None
     assert config.tls.client_auth_type == "RequireAndVerifyClientCert"
     assert config.tls.client_allowed_sans == ("client.example",)
-    assert config.tls.min_version == ssl.TLSVersion.TLSv1_3
-    assert config.tls.max_version == ssl.TLSVersion.TLSv1_3
+    assert (config.tls.min_version, config.tls.max_version) == ("TLS13", "TLS13")
     assert config.tls.files == (pki.server.cert, pki.server.key, pki.ca.cert)
     assert config.http2 is False
     # A blank value means "unset", as the toolkit documents.
@@ -237,11 +241,11 @@ HASH = "$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 INVALID = [
     ("nope: 1\n", "nope: unknown key (expected one of tls_server_config, http_server_config, "
      "basic_auth_users, rate_limit)"),
-    ("- a\n- b\n", "top level: must be a mapping of keys"),
+    ("- a\n- b\n", "top level: Input should be a mapping of keys"),
     ("tls_server_config:\n  certfile: x\n",
      f"tls_server_config.certfile: unknown key (expected one of {TLS_KEYS})"),
     ("basic_auth_users:\n  a: " + HASH + "\nbasic_auth_users:\n  b: " + HASH + "\n",
-     'duplicate key "basic_auth_users" at line 3'),
+     'invalid YAML at line 3, column 1: duplicate key "basic_auth_users"'),
     ("tls_server_config: [\n", "invalid YAML at line 2, column 1: expected the node content, "
      "but found '<stream end>'"),
     ("tls_server_config:\n  cert_file: 5\n  key_file: {key}\n",
@@ -303,12 +307,11 @@ INVALID = [
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
      "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n"
      "  client_allowed_sans: client.example\n",
-     "tls_server_config.client_allowed_sans: must be a list of non-empty strings"),
+     "tls_server_config.client_allowed_sans: Input should be a valid tuple"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  min_version: TLS14\n",
-     'tls_server_config.min_version: unknown TLS version "TLS14" (expected one of TLS10, '
-     "TLS11, TLS12, TLS13)"),
+     "tls_server_config.min_version: Input should be 'TLS10', 'TLS11', 'TLS12' or 'TLS13'"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  max_version: 1.3\n",
-     "tls_server_config.max_version: must be a string"),
+     "tls_server_config.max_version: Input should be 'TLS10', 'TLS11', 'TLS12' or 'TLS13'"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  min_version: TLS13\n"
      "  max_version: TLS12\n",
      "tls_server_config: min_version TLS13 is above max_version TLS12"),
@@ -328,8 +331,9 @@ INVALID = [
      "curve only; list one curve or remove the key to use OpenSSL's defaults"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
      "  prefer_server_cipher_suites: maybe\n",
-     "tls_server_config.prefer_server_cipher_suites: must be true or false"),
-    ("http_server_config:\n  http2: 3\n", "http_server_config.http2: must be true or false"),
+     "tls_server_config.prefer_server_cipher_suites: Input should be a valid boolean"),
+    ("http_server_config:\n  http2: 3\n",
+     "http_server_config.http2: Input should be a valid boolean"),
     ("http_server_config:\n  gzip: true\n",
      "http_server_config.gzip: unknown key (expected one of http2, headers)"),
     ("http_server_config:\n  headers: [a]\n",
@@ -369,7 +373,7 @@ INVALID = [
      'rate_limit.interval: invalid duration "soon" (expected e.g. "500ms", "30s", "5m", '
      '"1h30m" or a number of seconds)'),
     ("rate_limit:\n  interval: 1s\n  burst: -1\n",
-     "rate_limit.burst: must be a non-negative integer"),
+     "rate_limit.burst: Input should be greater than or equal to 0"),
     ("rate_limit:\n  interval: 1s\n  burst: 0\n",
      "rate_limit.burst: must be at least 1 when interval is set"),
     ("rate_limit:\n  every: 1s\n",
@@ -456,7 +460,7 @@ def auth_file(tmp_path: Path) -> Path:
 
 @pytest.mark.anyio
 async def test_basic_auth(auth_file: Path) -> None:
-    source = WebConfigSource.from_file(auth_file)
+    source = watch(auth_file)
     async with running(source) as (url, _):
         good = await get(url, headers=basic("alice", "s3cret"))
         metrics = await get(url, "/metrics", headers=basic("alice", "s3cret"))
@@ -491,7 +495,7 @@ async def test_basic_auth(auth_file: Path) -> None:
 @pytest.mark.anyio
 async def test_every_endpoint_requires_auth(auth_file: Path) -> None:
     # The toolkit wraps the whole handler: health endpoints are no exception.
-    async with running(WebConfigSource.from_file(auth_file)) as (url, _):
+    async with running(watch(auth_file)) as (url, _):
         for path in ("/", "/metrics", "/healthz", "/readyz", "/api/runs", "/nope"):
             assert (await get(url, path)).status_code == 401, path
 
@@ -499,7 +503,7 @@ async def test_every_endpoint_requires_auth(auth_file: Path) -> None:
 @pytest.mark.anyio
 async def test_bcrypt_runs_once_per_credential(auth_file: Path) -> None:
     authenticator = BasicAuthenticator()
-    source = WebConfigSource.from_file(auth_file)
+    source = watch(auth_file)
     app = create_app(
         registry=CollectorRegistry(),
         runs=_NoRuns(),
@@ -542,7 +546,7 @@ async def test_unknown_user_costs_like_the_configured_hashes() -> None:
 
 @pytest.mark.anyio
 async def test_overlong_password_is_refused_not_an_error(auth_file: Path) -> None:
-    async with running(WebConfigSource.from_file(auth_file)) as (url, _):
+    async with running(watch(auth_file)) as (url, _):
         response = await get(url, headers=basic("alice", "s3cret" + "x" * 100))
     assert response.status_code == 401
 
@@ -550,7 +554,7 @@ async def test_overlong_password_is_refused_not_an_error(auth_file: Path) -> Non
 @pytest.mark.anyio
 async def test_rate_limit(tmp_path: Path) -> None:
     path = write(tmp_path / "web.yml", "rate_limit:\n  interval: 1h\n  burst: 2\n")
-    async with running(WebConfigSource.from_file(path)) as (url, _):
+    async with running(watch(path)) as (url, _):
         statuses = [(await get(url)).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
 
@@ -560,7 +564,7 @@ async def test_rate_limit(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_tls(tmp_path: Path, pki: Pki) -> None:
-    source = WebConfigSource.from_file(write(tmp_path / "web.yml", tls_yaml(pki)))
+    source = watch(write(tmp_path / "web.yml", tls_yaml(pki)))
     async with running(source) as (url, _):
         assert url.startswith("https://127.0.0.1:")
         response = await get(url, "/metrics", verify=pki.client_context())
@@ -574,7 +578,7 @@ async def test_tls(tmp_path: Path, pki: Pki) -> None:
 @pytest.mark.anyio
 async def test_tls_version_limits(tmp_path: Path, pki: Pki) -> None:
     text = tls_yaml(pki, "  max_version: TLS12\n  curve_preferences: [CurveP384]\n")
-    async with running(WebConfigSource.from_file(write(tmp_path / "web.yml", text))) as (url, _):
+    async with running(watch(write(tmp_path / "web.yml", text))) as (url, _):
         async with (
             httpx.AsyncClient(verify=pki.client_context()) as client,
             client.stream("GET", url + "/healthz") as response,
@@ -593,7 +597,7 @@ async def test_mtls_require_and_verify(tmp_path: Path, pki: Pki, pki2: Pki) -> N
         pki,
         f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki.ca.cert}\n",
     )
-    async with running(WebConfigSource.from_file(write(tmp_path / "web.yml", text))) as (url, _):
+    async with running(watch(write(tmp_path / "web.yml", text))) as (url, _):
         ok = await get(url, verify=pki.client_context(pki.client))
         assert ok.status_code == 200
         with pytest.raises(httpx.TransportError):  # no client certificate
@@ -609,7 +613,7 @@ async def test_mtls_verify_if_given(tmp_path: Path, pki: Pki, pki2: Pki) -> None
     text = tls_yaml(
         pki, f"  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {pki.ca.cert}\n"
     )
-    async with running(WebConfigSource.from_file(write(tmp_path / "web.yml", text))) as (url, _):
+    async with running(watch(write(tmp_path / "web.yml", text))) as (url, _):
         assert (await get(url, verify=pki.client_context())).status_code == 200
         assert (await get(url, verify=pki.client_context(pki.client))).status_code == 200
         foreign = pki.client_context()
@@ -626,14 +630,14 @@ async def test_mtls_client_allowed_sans(tmp_path: Path, pki: Pki) -> None:
         f"  client_ca_file: {pki.ca.cert}\n"
         "  client_allowed_sans: [ops@example.com]\n",
     )
-    async with running(WebConfigSource.from_file(write(tmp_path / "web.yml", text))) as (url, _):
+    async with running(watch(write(tmp_path / "web.yml", text))) as (url, _):
         assert (await get(url, verify=pki.client_context(pki.client))).status_code == 200
         with pytest.raises(httpx.TransportError):  # valid certificate, SAN not listed
             await get(url, verify=pki.client_context(pki.other_client))
 
 
 def test_ip_sans_compare_like_go() -> None:
-    from exporter.webconfig import _peer_has_allowed_san
+    from exporter.webconfig.tls import _peer_has_allowed_san
 
     cert = {"subjectAltName": (("IP Address", "2001:DB8:0:0:0:0:0:1\n"), ("DNS", "a.example"))}
     assert _peer_has_allowed_san(cert, frozenset({"2001:db8::1"}))
@@ -648,7 +652,7 @@ def test_ip_sans_compare_like_go() -> None:
 
 @pytest.mark.anyio
 async def test_credentials_and_headers_follow_the_file(auth_file: Path) -> None:
-    source = WebConfigSource.from_file(auth_file, check_interval=0)
+    source = watch(auth_file, check_interval=0)
     async with running(source) as (url, _):
         assert (await get(url, headers=basic("alice", "s3cret"))).status_code == 200
         rewrite(
@@ -667,7 +671,7 @@ async def test_credentials_and_headers_follow_the_file(auth_file: Path) -> None:
 
 @pytest.mark.anyio
 async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None:
-    source = WebConfigSource.from_file(auth_file, check_interval=0)
+    source = watch(auth_file, check_interval=0)
     good = read(auth_file)
     async with running(source) as (url, _):
         rewrite(auth_file, "basic_auth_users:\n  alice: plaintext\n")
@@ -689,7 +693,7 @@ async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None
 @pytest.mark.anyio
 async def test_adding_tls_while_running_fails_closed(tmp_path: Path, pki: Pki) -> None:
     path = write(tmp_path / "web.yml", "")
-    source = WebConfigSource.from_file(path, check_interval=0)
+    source = watch(path, check_interval=0)
     async with running(source) as (url, _):
         assert (await get(url)).status_code == 200
         rewrite(path, tls_yaml(pki))
@@ -712,7 +716,7 @@ async def test_rotated_certificate_is_served_to_new_connections(
     path = write(
         tmp_path / "web.yml", f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
     )
-    source = WebConfigSource.from_file(path, check_interval=0)
+    source = watch(path, check_interval=0)
     async with running(source) as (url, _):
         assert (await get(url, verify=pki.client_context())).status_code == 200
         # Rotate: same paths, new certificate and key from the other CA; no restart.
@@ -738,7 +742,7 @@ async def test_client_ca_change_applies_to_new_connections(
     text = tls_yaml(
         pki, f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n"
     )
-    source = WebConfigSource.from_file(write(tmp_path / "web.yml", text), check_interval=0)
+    source = watch(write(tmp_path / "web.yml", text), check_interval=0)
     async with running(source) as (url, _):
         assert (await get(url, verify=pki.client_context(pki.client))).status_code == 200
         rewrite(ca, read(pki2.ca.cert))  # revoke trust in the first CA
@@ -751,7 +755,7 @@ async def test_client_ca_change_applies_to_new_connections(
 
 def test_changes_are_checked_at_most_once_per_interval(auth_file: Path) -> None:
     now = [0.0]
-    source = WebConfigSource.from_file(auth_file, check_interval=1.0, monotonic=lambda: now[0])
+    source = watch(auth_file, check_interval=1.0, monotonic=lambda: now[0])
     rewrite(auth_file, "basic_auth_users:\n")
     assert source.current().users  # not re-read yet
     now[0] = 0.5

@@ -24,13 +24,15 @@ never logged, stored or exported; log lines name the method, the path and the st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
+from yarl import URL
 
 from exporter.clock import Clock
 from exporter.providers.base import ProviderAdapter
@@ -106,18 +108,21 @@ class ProxyApp:
         provider_type: str,
         upstream: str,
         adapter: ProviderAdapter,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         state: TrafficState,
         clock: Clock,
         limits: ProxyLimits | None = None,
         min_cacheable_for: Callable[[str], int] | None = None,
         hasher: PrefixHasher | None = None,
+        via: EnvProxy | None = None,
     ) -> None:
         self.provider = provider
         self.provider_type = provider_type
         self._family = family_of(provider_type)
-        self._base = httpx.URL(upstream)
-        self._prefix = self._base.raw_path.rstrip(b"/")
+        base = URL(upstream)
+        self._origin = str(base.origin())
+        self._prefix = base.raw_path.rstrip("/")
+        self._via = via or EnvProxy()
         self._adapter = adapter
         self._client = client
         self._state = state
@@ -161,21 +166,39 @@ class ProxyApp:
             self._record(exchange, b"")
             return
         query: bytes = scope.get("query_string", b"")
-        target = self._prefix + raw_path + (b"?" + query if query else b"")
+        headers = _as_text(end_to_end(scope["headers"], _NOT_TO_UPSTREAM))
+        try:
+            target = (raw_path + (b"?" + query if query else b"")).decode("ascii")
+        except UnicodeDecodeError:
+            headers = None
+        if headers is None:
+            # The upstream client writes text; bytes it cannot carry unchanged are refused.
+            await _answer(send, 400, "bad_request", "request target or header is not text")
+            exchange.outcome = PROXY_ERROR
+            self._record(exchange, b"")
+            return
         has_body = bool(body) or any(
             name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]
         )
-        request = httpx.Request(
+        request = _Upstream(
             method,
-            self._base.copy_with(raw_path=target),
-            headers=end_to_end(scope["headers"], _NOT_TO_UPSTREAM),
-            content=body if has_body else None,
+            # encoded=True: the path and query go as the client wrote them, not normalised.
+            URL(self._origin + self._prefix + target, encoded=True),
+            headers,
+            body if has_body else None,
         )
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope, exchange)
-                await self._forward(request, send, exchange)
-                tg.cancel_scope.cancel()
+            with anyio.CancelScope() as forwarding:
+                # A bare task, not a task group: this runs for every request, and a task
+                # group costs five times as much (docs/benchmarks.md). It only waits, and
+                # is cancelled as soon as the forwarding ends, however it ends.
+                watcher = asyncio.get_running_loop().create_task(
+                    _watch_disconnect(receive, forwarding, exchange)
+                )
+                try:
+                    await self._forward(request, send, exchange)
+                finally:
+                    watcher.cancel()
             if exchange.complete:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -185,33 +208,42 @@ class ProxyApp:
         if exchange.aborted:
             raise StreamAborted
 
-    async def _forward(self, request: httpx.Request, send: Send, exchange: _Exchange) -> None:
+    async def _forward(self, request: _Upstream, send: Send, exchange: _Exchange) -> None:
         start = exchange.start = self._clock.monotonic()
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException:
+            response = await self._client.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.body,
+                allow_redirects=False,
+                proxy=self._via.url,
+                proxy_auth=self._via.auth,
+            )
+        except TimeoutError:  # connecting, waiting for a pooled connection, or the headers
             exchange.outcome = PROXY_ERROR
             await _answer(send, 504, "upstream_timeout", "the upstream did not answer in time")
             return
-        except (httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             exchange.outcome = PROXY_ERROR
             # The exception text may carry the URL (and a query-string key): name its class.
             log.warning("upstream request failed: %s", type(exc).__name__)
             await _answer(send, 502, "upstream_unreachable", "the upstream could not be reached")
             return
         try:
-            exchange.status = response.status_code
+            exchange.status = response.status
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": end_to_end(response.headers.raw, HOP_BY_HOP),
+                    "status": response.status,
+                    "headers": end_to_end(response.raw_headers, HOP_BY_HOP),
                 }
             )
             tap = self._tap(exchange, response)
             sent = 0
             limit = self._limits.max_response_bytes
-            async for chunk in response.aiter_raw():
+            # Each chunk as it arrived, de-chunked but not decoded (auto_decompress is off).
+            async for chunk in response.content.iter_any():
                 arrived = self._clock.monotonic()
                 sent += len(chunk)
                 if sent > limit:
@@ -222,18 +254,20 @@ class ProxyApp:
                     exchange.ttft = arrived - start
             exchange.latency = self._clock.monotonic() - start
             exchange.complete = True
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             exchange.outcome, exchange.aborted = PROXY_ERROR, True  # upstream broke off
         finally:
-            # Shielded: when the client left (or shutdown cut the stream) the upstream
-            # connection must still be released, not abandoned mid-answer.
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            # An answer read to its end gives its connection back to the pool; one the
+            # client left (or shutdown cut) closes it, so no half-read answer is reused.
+            if exchange.complete:
+                response.release()
+            else:
+                response.close()
 
-    def _tap(self, exchange: _Exchange, response: httpx.Response) -> ResponseTap | None:
+    def _tap(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> ResponseTap | None:
         if not exchange.chat:
             return None
-        if response.status_code >= 400:
+        if response.status >= 400:
             exchange.outcome = UPSTREAM_ERROR
             return None
         try:
@@ -316,6 +350,32 @@ class ProxyApp:
     def _recording_error(self) -> None:
         # Only a plain-data update under the state's lock: nothing here can fail but a bug.
         self._state.recording_error(self.provider)
+
+
+@dataclass(frozen=True, slots=True)
+class EnvProxy:
+    """The HTTP proxy (``HTTPS_PROXY`` / ``NO_PROXY``) the upstream is reached through, if
+    any: the upstream is fixed, so this is read once, not per request."""
+
+    url: URL | None = None
+    auth: aiohttp.BasicAuth | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    method: str
+    url: URL
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+
+def _as_text(headers: Headers) -> list[tuple[str, str]] | None:
+    """Header fields as text for the upstream client, which writes UTF-8: ASCII (every
+    header an SDK sends) and UTF-8 go byte for byte; other bytes give None."""
+    try:
+        return [(name.decode("ascii"), value.decode("utf-8")) for name, value in headers]
+    except UnicodeDecodeError:
+        return None
 
 
 class _Exchange:

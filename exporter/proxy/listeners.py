@@ -10,15 +10,16 @@ configuration reload does not change them.
 from __future__ import annotations
 
 import contextlib
-import http.cookiejar
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
-import httpx
+from aiohttp.helpers import get_env_proxy_for_url
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from exporter.asgi import BoundAddress, serve_asgi
 from exporter.clock import Clock, SystemClock
@@ -27,14 +28,20 @@ from exporter.config.proxies import ProxyConfig
 from exporter.exits import listen_error
 from exporter.providers import adapter_class
 from exporter.proxy.collector import TrafficCollector
-from exporter.proxy.forward import ProxyApp, ProxyLimits, StreamAborted
+from exporter.proxy.forward import EnvProxy, ProxyApp, ProxyLimits, StreamAborted
 from exporter.proxy.prefix import PrefixHasher
 from exporter.proxy.traffic import TrafficState
 from exporter.results import ModelPrice
 
 log = logging.getLogger(__name__)
-# Idle upstream connections kept for reuse per proxy (more are opened as traffic needs).
-KEEPALIVE_CONNECTIONS = 64
+# Seconds an idle upstream connection is kept for reuse (aiohttp's default is 15).
+KEEPALIVE_SECONDS = 30.0
+# Header lines the upstream may send, in bytes (aiohttp's default, 8190, is tighter than
+# what h11 and the SDKs accept).
+MAX_HEADER_LINE = 64 * 1024
+# What the upstream client adds by itself unless told not to: the client's own headers go
+# upstream, and none of the proxy's.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,39 +68,57 @@ class _HideAbortedStreams(logging.Filter):
 _FILTER = _HideAbortedStreams()
 
 
-def _no_cookies() -> http.cookiejar.CookieJar:
-    """Upstream cookies belong to the client that received them; the proxy keeps none."""
-    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-
-def upstream_client(proxy: ProxyConfig, *, trust_env: bool = True) -> httpx.AsyncClient:
+def upstream_client(proxy: ProxyConfig) -> aiohttp.ClientSession:
     """The proxy's own client: a pool as large as the concurrency limit, so a slow upstream
-    answer never makes another request wait for a connection."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=proxy.max_concurrent,
-            max_keepalive_connections=min(KEEPALIVE_CONNECTIONS, proxy.max_concurrent),
+    answer never makes another request wait for a connection.
+
+    aiohttp rather than httpx (the probes' client): httpcore's pool polls every idle
+    connection's socket on each request, which at 32 requests in flight cost the proxy
+    more than all its other work together (docs/benchmarks.md), and aiohttp parses
+    answers in C. It adds nothing of its own: no default headers, no decompression, no
+    cookies kept, no redirects followed (``ProxyApp`` passes ``allow_redirects=False``)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=proxy.max_concurrent, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
         ),
-        timeout=httpx.Timeout(
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            # Waiting for a pooled connection and connecting; then silence between bytes.
             connect=proxy.connect_timeout,
-            read=proxy.read_timeout,
-            write=proxy.read_timeout,
-            pool=proxy.connect_timeout,
+            sock_read=proxy.read_timeout,
         ),
-        follow_redirects=False,
-        trust_env=trust_env,
-        cookies=_no_cookies(),
+        skip_auto_headers=_NO_AUTO_HEADERS,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # The environment's HTTP proxy is looked up once (env_proxy); aiohttp's trust_env
+        # would also add ~/.netrc credentials to requests, and the client's key is the only one.
+        trust_env=False,
+        max_line_size=MAX_HEADER_LINE,
+        max_field_size=MAX_HEADER_LINE,
     )
+
+
+def env_proxy(upstream: str, *, trust_env: bool = True) -> EnvProxy:
+    """The HTTP proxy ``HTTPS_PROXY`` / ``HTTP_PROXY`` name for ``upstream`` (unless
+    ``NO_PROXY`` excludes it), as the probes' client honours them."""
+    if not trust_env:
+        return EnvProxy()
+    try:
+        url, auth = get_env_proxy_for_url(URL(upstream))
+    except LookupError:
+        return EnvProxy()
+    return EnvProxy(url, auth)
 
 
 def build_app(
     proxy: ProxyConfig,
     *,
     state: TrafficState,
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     shared: ProviderConfig | None = None,
     clock: Clock | None = None,
     hasher: PrefixHasher | None = None,
+    trust_env: bool = True,
 ) -> ProxyApp:
     """The application of one proxy, its provider declared in ``state``."""
     min_cacheable = proxy.min_cacheable_tokens
@@ -129,6 +154,7 @@ def build_app(
             max_concurrent=proxy.max_concurrent,
         ),
         hasher=hasher,
+        via=env_proxy(proxy.upstream, trust_env=trust_env),
     )
 
 
@@ -160,13 +186,20 @@ async def serve_proxy(
 ) -> AsyncIterator[ProxyHandle]:
     """Serve one proxy until the context exits; port 0 picks a free port."""
     logging.getLogger("uvicorn.error").addFilter(_FILTER)
-    async with upstream_client(proxy, trust_env=trust_env) as client:
+    async with upstream_client(proxy) as client:
         app = build_app(
-            proxy, state=state, client=client, shared=shared, clock=clock, hasher=hasher
+            proxy,
+            state=state,
+            client=client,
+            shared=shared,
+            clock=clock,
+            hasher=hasher,
+            trust_env=trust_env,
         )
         async with contextlib.AsyncExitStack() as stack:
             try:
                 # date_header=False: the Date the client sees is the upstream's, not a second.
+                # httptools: the proxy parses every request of the traffic it carries.
                 address = await stack.enter_async_context(
                     serve_asgi(
                         app,
@@ -174,6 +207,7 @@ async def serve_proxy(
                         port=proxy.port,
                         graceful_timeout=grace,
                         date_header=False,
+                        parser="httptools",
                     )
                 )
             except OSError as exc:

@@ -62,12 +62,13 @@ class PrefixHasher:
         hasher.update(b"s" + system.encode())
         static_digest = hasher.digest()
         length = len(tools) + len(system)
-        for text in messages:
-            if length >= min_chars:
-                break
-            piece = text[: min_chars - length]
-            hasher.update(b"m" + piece.encode())
-            length += len(piece)
+        if length < min_chars:  # messages are serialised only when the prefix reaches them
+            for text in messages:
+                piece = text[: min_chars - length]
+                hasher.update(b"m" + piece.encode())
+                length += len(piece)
+                if length >= min_chars:
+                    break
         if length < min_chars:
             return None
         return PrefixDigests(
@@ -100,6 +101,10 @@ def _split(family: str, body: Any) -> tuple[str, str, Iterator[str]] | None:
 
 
 def _dump(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # Copying the value without its markers costs more than this scan: only when needed.
+    if '"cache_control"' not in text:
+        return text
     return json.dumps(_unmarked(value), ensure_ascii=False, separators=(",", ":"))
 
 

@@ -1,27 +1,17 @@
-"""SQLite history and budget ledger (see docs/storage.md).
+"""SQLite history and budget ledger (docs/storage.md).
 
-``Store`` is the component and ``ProbeStore`` the narrow Protocol the recorder and the HTTP
-API depend on. Modules: ``history`` (runs, balances, model state, retention: ``Store``),
-``ledger`` (reserve-before-send and its values), ``migrations`` (forward-only schema
-versions), ``engine`` (the connection, transactions, faults and the retry queue).
+``Store`` is the component, ``ProbeStore`` the narrow Protocol the recorder and the HTTP API
+depend on. Layers: ``migrations`` (the schema), ``engine`` (the connection, transactions,
+faults and the retry queue), ``ledger`` (budget reservations), ``history`` (``Store``).
 """
 
-from exporter.store.engine import Connector, connect_sqlite
-from exporter.store.history import MAX_RECENT_RUNS, OPERATIONS, ModelState, ProbeStore, Store
-from exporter.store.ledger import (
-    LedgerDecision,
-    LedgerLimits,
-    LedgerTotals,
-    LedgerWindows,
-    WindowTotals,
-)
+from exporter.store.engine import connect_sqlite
+from exporter.store.history import MAX_RECENT_RUNS, ModelState, ProbeStore, Store
+from exporter.store.ledger import LedgerLimits, LedgerTotals, LedgerWindows, WindowTotals
 from exporter.store.migrations import SchemaTooNewError, StoreError
 
 __all__ = [
     "MAX_RECENT_RUNS",
-    "OPERATIONS",
-    "Connector",
-    "LedgerDecision",
     "LedgerLimits",
     "LedgerTotals",
     "LedgerWindows",

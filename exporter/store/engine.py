@@ -1,45 +1,36 @@
-"""The connection, its transactions, and what happens when the database misbehaves.
-
-One aiosqlite connection behind an anyio lock; writes are ``BEGIN IMMEDIATE … COMMIT`` under a
-cancel shield. Faults never escape ``submit``/``read``: one log line, ``on_error(operation)``,
-and failed writes wait in a bounded FIFO queue that lands in order on the next write or flush.
-"""
+"""The connection, its transactions, and faults: never raised by ``submit`` and ``read``, but
+logged, reported to ``on_error`` and, for writes, queued for retry (docs/storage.md)."""
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import os
 import sqlite3
 from collections import deque
 from collections.abc import Awaitable, Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, Literal, Self, TypeVar
 
 import aiosqlite
 import anyio
 
 from exporter.clock import Clock
-from exporter.store.migrations import StoreError, migrate
+from exporter.store.migrations import StoreError, atomically, migrate, schema_version
 
 log = logging.getLogger("exporter.store")
 T = TypeVar("T")
 
-DEFAULT_BUSY_TIMEOUT: Final = 5.0  # seconds to wait for another connection's write lock
-DEFAULT_MAX_PENDING: Final = 10_000  # failed writes kept in memory for retry
-_DRAIN_BATCH: Final = 500  # queued writes committed per transaction when draining
 # "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
 # is gone), StoreError (reopening failed: a newer schema, a corrupted file).
 FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
-_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
 _POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
+_CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
 
 Connection = aiosqlite.Connection
-Connector = Callable[[Path, float], Awaitable[Connection]]
-"""Opens the connection: ``(path, busy_timeout_seconds) -> connection`` in autocommit mode."""
-Apply = Callable[[Connection], Awaitable[object]]
-_Item = tuple[str, Apply, list[str]]  # (operation, write, [pending | landed | dropped])
+Body = Callable[[Connection], Awaitable[T]]
+Connector = Callable[[Path, float], Awaitable[Connection]]  # (path, busy timeout) -> connection
 
 
 async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
@@ -47,90 +38,113 @@ async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
     return await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
 
 
+@dataclass(slots=True)
+class _Write:
+    op: str
+    apply: Body[object]
+    state: Literal["pending", "landed", "dropped"] = "pending"
+
+
 class Engine:
+    """One aiosqlite connection behind a lock, (re)opened when needed; work on it runs under a
+    cancel shield, so a cancelled caller never leaves a transaction half done."""
+
     def __init__(
         self,
         path: Path,
-        *,
         clock: Clock,
         on_error: Callable[[str], None] | None,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        connector: Connector = connect_sqlite,
+        busy_timeout: float,
+        max_pending: int,
+        connector: Connector,
     ) -> None:
         self.path, self._clock, self._on_error = path, clock, on_error
         self._busy_timeout, self._connector = busy_timeout, connector
-        self._lock, self._pending = anyio.Lock(), deque[_Item]()
-        self._conn: Connection | None = None
         self._max_pending, self.dropped_writes = max(1, max_pending), 0
-        # (st_dev, st_ino) when opened: SQLite keeps writing to an unlinked inode without an
-        # error, so every use compares it with what the path holds now.
+        self._lock, self._pending = anyio.Lock(), deque[_Write]()
+        self._conn: Connection | None = None
+        # (st_dev, st_ino) of the file opened: SQLite keeps writing to an unlinked inode
+        # without an error, so every use compares it with what the path holds now.
         self._identity: tuple[int, int] | None = None
-        # _broken: reopen before the next operation; _reopen_for_write: before the next write
-        # even if a read reopened meanwhile (a read works on a read-only file).
-        self._broken = self._reopen_for_write = self._closed = False
+        # After a fault, reopen before the next write even if a read reopened meanwhile (a
+        # read works on a read-only file).
+        self._reopen_for_write = self._closed = False
         self._healthy = True
-        # Runs on a file that replaced ours before anything else does (the ledger carries its
-        # totals over); _replaced: still owed, and every operation fails until it succeeds.
-        self.on_replaced: Callable[[Connection], Awaitable[None]] | None = None
-        self._replaced = False
 
-    @property
-    def healthy(self) -> bool:
-        """Can record: the last write (or drain) succeeded and the store is open."""
-        return self._healthy and not self._closed
-
-    @property
-    def pending_writes(self) -> int:
-        return len(self._pending)
-
-    async def start(self) -> None:
-        """Connect, check and migrate; raises (StoreError or a fault) when impossible."""
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock,
+        on_error: Callable[[str], None] | None = None,
+        busy_timeout: float = 5.0,  # seconds to wait for another connection's write lock
+        max_pending: int = 10_000,  # failed writes kept in memory for retry
+        connector: Connector = connect_sqlite,
+    ) -> Self:
+        """Open (creating directories and the file), check and migrate the database; raise
+        ``StoreError`` (one line) when it cannot be used. Tests inject faults via ``connector``."""
+        store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
+        created = not store.path.exists()
         try:
-            await self.run(_connected)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._disconnect()
-            raise
+            await store.run(schema_version)  # connects: checks and migrates
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
+        if created:
+            log.info("store: created a new database %s (no earlier history or budget use)", path)
+        return store
 
     async def close(self) -> int:
-        """Flush once, close; return the number of writes that could not be saved."""
+        """Flush once and close (idempotent); return how many writes could not be saved."""
         if not self._closed:
             with anyio.CancelScope(shield=True):
                 await self.flush()
                 async with self._lock:
                     self._closed = True
                     await self._disconnect()
+            if lost := len(self._pending):
+                log.error("store: closed with %d queued writes that could not be saved", lost)
         return len(self._pending)
 
-    async def submit(self, op: str, apply: Apply) -> bool:
-        """Queue a write behind earlier failed ones, commit the queue; True if it landed."""
-        item: _Item = (op, apply, ["pending"])
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def healthy(self) -> bool:
+        """The last write (or drain) succeeded and the store is open."""
+        return self._healthy and not self._closed
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, op: str, apply: Body[object]) -> bool:
+        """Queue a write behind earlier failed ones and commit the queue; True if it landed."""
+        write = _Write(op, apply)
         async with self._lock:
             if len(self._pending) >= self._max_pending:
-                oldest = self._pending.popleft()
-                oldest[2][0] = "dropped"
                 self.dropped_writes += 1
-                log.error("store: retry queue full (%d writes); dropped the oldest %s write "
-                          "(%d dropped since start)", self._max_pending, oldest[0],
-                          self.dropped_writes)  # fmt: skip
-            self._pending.append(item)
-            error = await self._drain_locked()
-        if item[2][0] == "pending":
+                why = f"the retry queue is full ({self.dropped_writes} dropped since start)"
+                self._drop(self._pending[0], why)
+            self._pending.append(write)
+            error = await self._drain()
+        if write.state == "pending":
             self.report(op, error)
-        return item[2][0] == "landed"
+        return write.state == "landed"
 
     async def flush(self) -> int:
         """Retry queued writes now; return how many are still waiting (0 = all saved)."""
         async with self._lock:
-            error = await self._drain_locked()
-            head = self._pending[0][0] if self._pending else None
-        if error is not None and head is not None:
-            self.report(head, error)
+            error = await self._drain()
+        if error is not None and self._pending:
+            self.report(self._pending[0].op, error)
         return len(self._pending)
 
-    async def read(self, op: str, query: Callable[[Connection], Awaitable[T]], default: T) -> T:
-        """Run a query; on a fault report ``op`` and return ``default``."""
+    async def read(self, op: str, query: Body[T], default: T) -> T:
+        """Run ``query``; on a fault report ``op`` and return ``default``."""
         try:
             result = await self.run(query)
         except FAULTS as exc:
@@ -140,21 +154,11 @@ class Engine:
         self._healthy = self._healthy or not self._pending
         return result
 
-    async def write(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        """One transaction now, not queued; faults are raised (after bookkeeping)."""
-        return await self.run(body, transaction=True)
-
-    async def run(self, body: Callable[[Connection], Awaitable[T]], *, transaction: bool = False
-                  ) -> T:  # fmt: skip
-        """``body`` on the connection (in a transaction if asked); faults are raised."""
+    async def run(self, body: Body[T], *, transaction: bool = False) -> T:
+        """``body`` on the connection, in a write transaction if asked; faults are raised."""
         async with self._lock:
-            try:
-                with anyio.CancelScope(shield=True):
-                    conn = None if transaction else await self._connection()
-                    result = await (body(conn) if conn else self._transaction(body))
-            except FAULTS as exc:
-                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
-                raise
+            with anyio.CancelScope(shield=True):
+                result = await self._run(body, transaction=transaction)
         return result
 
     def report(self, op: str, exc: BaseException | None = None) -> None:
@@ -168,143 +172,115 @@ class Engine:
             except Exception:  # a broken metrics hook must not turn a handled fault unhandled
                 log.exception("store: on_error callback failed")
 
-    async def _drain_locked(self) -> BaseException | None:
-        """Commit queued writes in order, in batches; stop at the first fault and return it."""
-        for _ in range(len(self._pending) // _DRAIN_BATCH + 1):
-            if not self._pending:
-                break
-            batch = list(itertools.islice(self._pending, _DRAIN_BATCH))
-            try:
-                with anyio.CancelScope(shield=True):
-                    rejected = await self._transaction(partial(_apply_batch, batch=batch))
-            except FAULTS as exc:
-                self._healthy, self._broken = False, self._broken or _needs_reopen(exc)
-                return exc
-            for item in batch:
-                self._pending.popleft()
-                item[2][0] = "landed"
-            for (op, _, state), why in rejected:
-                state[0] = "dropped"
-                log.error("store: %s write rejected by the database and dropped: %s", op,
-                          describe(why))  # fmt: skip
-                self.report(op)
-        return None
+    async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
+        """The ledger's hook, run on every new connection before anything else."""
 
-    async def _transaction(self, body: Callable[[Connection], Awaitable[T]]) -> T:
-        # IMMEDIATE takes the write lock up front: a deferred read-then-write could find its
-        # snapshot stale, and the budget check must read totals nobody can change meanwhile.
-        conn = await self._connection(write=True)
+    async def _run(self, body: Body[T], *, transaction: bool) -> T:
         try:
-            await conn.execute_fetchall("BEGIN IMMEDIATE")
-            result = await body(conn)
-            await conn.execute_fetchall("COMMIT")
-        except BaseException as exc:
-            try:
-                if conn.in_transaction:
-                    await conn.execute_fetchall("ROLLBACK")
-            except FAULTS:
-                self._broken = True  # cannot tell what state it is in: start afresh
-            self._reopen_for_write = self._reopen_for_write or _needs_reopen(exc)
+            if not transaction:
+                return await body(await self._connection())
+            result = await atomically(await self._connection(write=True), body)
+        except FAULTS as exc:
+            self._healthy = False
+            # Anything but contention or a refused row may have left the connection unusable.
+            if not isinstance(exc, _POISON) and not _contention(exc):
+                self._reopen_for_write = True
+                await self._disconnect()
             raise
         self._healthy, self._reopen_for_write = True, False
         return result
+
+    async def _drain(self) -> BaseException | None:
+        """Commit queued writes in order, one transaction each; stop at a fault and return it.
+        A write refused by a constraint, or failing with a bug, would fail on every retry: it
+        is dropped instead of blocking the queue."""
+        while self._pending:  # bounded: every pass lands or drops the head, or returns
+            write = self._pending[0]
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._run(write.apply, transaction=True)
+                    write.state = "landed"
+                    self._pending.popleft()
+                except _POISON as exc:
+                    self.report(self._drop(write, describe(exc)))
+                except FAULTS as exc:
+                    return exc
+                except Exception:
+                    log.exception("store: %s write failed with an unexpected error", write.op)
+                    self.report(self._drop(write, "a bug"))
+        return None
+
+    def _drop(self, write: _Write, why: str) -> str:
+        log.error("store: %s write dropped: %s", write.op, why)
+        write.state = "dropped"
+        self._pending.remove(write)
+        return write.op
 
     async def _connection(self, *, write: bool = False) -> Connection:
         """The open connection, (re)opened first when needed. The caller holds the lock."""
         if self._closed:
             raise StoreError("store is closed")
-        conn, before = self._conn, self._identity
-        if conn is not None and not self._broken and not (write and self._reopen_for_write):
-            if _file_identity(self.path) == before:
-                return conn
+        current = _file_identity(self.path)
+        if self._conn is not None and not (write and self._reopen_for_write):
+            if current == self._identity:
+                return self._conn
             log.warning("store: database file %s was replaced or removed; reopening", self.path)
         await self._disconnect()
-        # Compared before reopening: a new file may well reuse the freed inode number.
-        changed = before is not None and _file_identity(self.path) != before
-        self._replaced = self._replaced or changed
-        conn = await self._connect(check=before is None or changed)
-        if self._replaced and self.on_replaced is not None:
-            try:
-                await self.on_replaced(conn)
-            except BaseException:
-                await _close_quietly(conn)
-                raise
-            self._replaced = False
-        self._conn, self._broken = conn, False
-        return conn
+        # Compared before reopening: a new file may well reuse the freed inode number. Until
+        # _prepare succeeds on a replacing file, _identity stays that of the one it replaced.
+        replaced = self._identity is not None and current != self._identity
+        self._conn = await self._connect(first=self._identity is None, replaced=replaced)
+        self._identity = _file_identity(self.path)
+        return self._conn
 
-    async def _connect(self, *, check: bool) -> Connection:
+    async def _connect(self, *, first: bool, replaced: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
-            conn.row_factory = sqlite3.Row
-            # auto_vacuum lets cleanup return pages without VACUUM; it can only be set before
-            # the first table exists, and setting it is a write (fails on a read-only file).
-            if next(iter(await conn.execute_fetchall("SELECT count(*) FROM sqlite_master")))[0]:
-                if check:  # at start, and on a file that replaced ours
-                    await _refuse_if_corrupted(conn, self.path)
-            else:
+            if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
+                # Lets cleanup return pages without VACUUM. Only possible before the first
+                # table exists, and a write (which fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
+            elif first or replaced:
+                await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
-                log.warning("store: %s is not in WAL mode (journal_mode=%s); readers may block "
-                            "writers", self.path, mode)  # fmt: skip
+                log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
             # FULL: every commit is fsynced, so a committed reservation survives power loss.
-            await conn.execute_fetchall("PRAGMA synchronous = FULL")
-            await conn.execute_fetchall("PRAGMA foreign_keys = ON")
-            # 512 KiB of page cache instead of 2 MiB: the queries read a few recent pages
-            # and the OS caches the file; measured 1.6 MB less resident at 500 models.
-            await conn.execute_fetchall("PRAGMA cache_size = -512")
-            # Again, so that a custom connector cannot leave it at 0 (fail on any contention).
+            # busy_timeout again, so that a custom connector cannot leave it at 0. A 512 KiB
+            # page cache instead of 2 MiB: the queries read a few recent pages and the OS
+            # caches the file; measured 1.6 MB less resident at 500 models.
             busy_ms = max(0, int(self._busy_timeout * 1000))
-            await conn.execute_fetchall(f"PRAGMA busy_timeout = {busy_ms}")
+            await conn.executescript(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+                f" PRAGMA busy_timeout = {busy_ms}; PRAGMA cache_size = -512"
+            )
             await migrate(conn, now=self._clock.time())
-            self._identity = _file_identity(self.path)
+            await self._prepare(conn, replaced=replaced)
         except BaseException:
-            await _close_quietly(conn)
+            with contextlib.suppress(*FAULTS):
+                await conn.close()
             raise
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:
         # While another connection holds the write lock of a rollback-journal file, SQLite
         # fails the switch at once (no busy handler): retry in real time within busy_timeout.
-        mode = await _journal_mode(conn, "PRAGMA journal_mode")
         attempts = max(1, int(self._busy_timeout / 0.02))
-        for attempt in range(attempts if mode != "wal" else 0):
+        for attempt in range(1, attempts + 1):
             try:
-                return await _journal_mode(conn, "PRAGMA journal_mode = WAL")
+                ((mode,),) = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+                break
             except sqlite3.OperationalError as exc:
-                if not _contention(exc) or attempt == attempts - 1:
+                if not _contention(exc) or attempt == attempts:
                     raise
                 await anyio.sleep(0.02)
-        return mode
+        return str(mode).lower()
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close_quietly(conn)
-
-
-async def _connected(conn: Connection) -> None:
-    return None
-
-
-async def _apply_batch(conn: Connection, *, batch: list[_Item]) -> list[tuple[_Item, Exception]]:
-    """Apply queued writes in the caller's transaction; return those the database rejected,
-    each undone through its own savepoint (the others are kept)."""
-    rejected: list[tuple[_Item, Exception]] = []
-    for item in batch:
-        await conn.execute_fetchall("SAVEPOINT pending_write")
-        try:
-            await item[1](conn)
-        except Exception as exc:
-            if isinstance(exc, FAULTS) and not isinstance(exc, _POISON):
-                raise  # the database's state, not the write: retry the whole batch later
-            if not isinstance(exc, _POISON):  # a bug: would fail on every retry
-                log.exception("store: %s write failed with an unexpected error", item[0])
-            await conn.execute_fetchall("ROLLBACK TO pending_write")
-            rejected.append((item, exc))
-        await conn.execute_fetchall("RELEASE pending_write")
-    return rejected
+        with contextlib.suppress(*FAULTS):
+            if conn is not None:
+                await conn.close()
 
 
 _HAS_LEDGER: Final = "SELECT 1 FROM sqlite_master WHERE name = 'budget_windows'"
@@ -315,15 +291,14 @@ _BAD_TOTALS: Final = """SELECT count(*) FROM budget_windows WHERE typeof(tokens)
 async def integrity_problems(conn: Connection) -> str:
     """``"ok"``, or what integrity_check, foreign_key_check and the ledger's rules found."""
     found = [str(r[0]) for r in await conn.execute_fetchall("PRAGMA integrity_check")]
-    problems = [p for p in found if p != "ok"] + [
-        f"foreign key violation: {r[0]} rowid {r[1]} references {r[2]}"
-        for r in await conn.execute_fetchall("PRAGMA foreign_key_check")
-    ]
+    problems = [p for p in found if p != "ok"]
+    for table, rowid, parent, _ in await conn.execute_fetchall("PRAGMA foreign_key_check"):
+        problems.append(f"foreign key violation: {table} rowid {rowid} references {parent}")
     # Values SQLite accepts but the ledger cannot: such totals deny (or grant) everything.
-    if not problems and list(await conn.execute_fetchall(_HAS_LEDGER)):
-        rows = list(await conn.execute_fetchall(_BAD_TOTALS))
-        problems += [f"budget_windows: {rows[0][0]} rows with invalid totals"] if rows[0][0] else []
-    return "\n".join(problems) if problems else "ok"
+    if not problems and await conn.execute_fetchall(_HAS_LEDGER):
+        ((bad,),) = await conn.execute_fetchall(_BAD_TOTALS)
+        problems += [f"budget_windows: {bad} rows with invalid totals"] if bad else []
+    return "\n".join(problems) or "ok"
 
 
 async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
@@ -333,22 +308,14 @@ async def _refuse_if_corrupted(conn: Connection, path: Path) -> None:
         found = describe(exc)
     if found != "ok":
         first = " ".join(found.splitlines()[0].split())[:200]
-        raise StoreError(f"database {path} is corrupted ({first}); move it aside (a new one is "
-                         "then created) or restore a backup")  # fmt: skip
+        raise StoreError(
+            f"database {path} is corrupted ({first}); move it aside (a new one is then created)"
+            " or restore a backup"
+        )
 
 
 def _contention(exc: BaseException) -> bool:
-    return (getattr(exc, "sqlite_errorname", None) or "").startswith(_CONTENTION)
-
-
-def _needs_reopen(exc: BaseException) -> bool:
-    """Anything but contention or a refused row may have left the connection unusable."""
-    return isinstance(exc, FAULTS) and not isinstance(exc, _POISON) and not _contention(exc)
-
-
-async def _journal_mode(conn: Connection, pragma: str) -> str:
-    rows = list(await conn.execute_fetchall(pragma))
-    return str(rows[0][0]).lower() if rows else "?"
+    return str(getattr(exc, "sqlite_errorname", "")).startswith(_CONTENTION)
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -364,10 +331,3 @@ def describe(exc: BaseException) -> str:
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
     text = " ".join(str(exc).split())
     return f"{name}: {text}" if text else name
-
-
-async def _close_quietly(conn: Connection) -> None:
-    try:
-        await conn.close()
-    except FAULTS as exc:
-        log.debug("store: closing the connection failed: %s", describe(exc))

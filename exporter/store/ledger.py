@@ -1,22 +1,14 @@
-"""The budget ledger: reserve before sending, settle after, totals that never reset silently.
-
-A reservation checks the limits and inserts in ONE ``BEGIN IMMEDIATE`` transaction (no other
-connection can reserve in between), committed and fsynced before it returns.
-``budget_windows`` keeps running totals per provider and window in the same transactions.
-The store remembers the totals of the open windows it has seen; when the file is deleted or
-replaced while running they are carried into the new file (never lowering what it holds)
-before anything else runs there, and while that cannot be written every reservation fails,
-that is, is denied (docs/storage.md, "Deleting the database").
-"""
+"""The budget ledger: reserve before sending, settle after, totals that never reset silently
+(docs/storage.md, "Budget")."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
+from typing import Final
 
-from exporter.clock import Clock
 from exporter.store.engine import FAULTS, Connection, Engine
+from exporter.store.migrations import atomically
 
 log = logging.getLogger("exporter.store")
 
@@ -58,22 +50,20 @@ class LedgerLimits:
 
     def admits(self, totals: LedgerTotals, tokens: int, nanousd: int) -> bool:
         """Whether adding this much to both windows stays within every limit."""
-        d, m = totals.day, totals.month
+        day, month = totals.day, totals.month
         return all(
-            limit is None or used + amount <= limit
-            for limit, used, amount in (
-                (self.day_tokens, d.tokens, tokens),
-                (self.month_tokens, m.tokens, tokens),
-                (self.day_nanousd, d.nanousd, nanousd),
-                (self.month_nanousd, m.nanousd, nanousd),
+            limit is None or used <= limit
+            for limit, used in (
+                (self.day_tokens, day.tokens + tokens),
+                (self.month_tokens, month.tokens + tokens),
+                (self.day_nanousd, day.nanousd + nanousd),
+                (self.month_nanousd, month.nanousd + nanousd),
             )
         )
 
     @property
     def unlimited(self) -> bool:
-        return (self.day_tokens, self.month_tokens, self.day_nanousd, self.month_nanousd) == (
-            (None,) * 4
-        )
+        return self == LedgerLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,85 +74,92 @@ class LedgerDecision:
     totals: LedgerTotals  # the windows' use after the decision
 
 
-_UPSERT = ('INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd) VALUES '
-           "(?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET ")  # fmt: skip
-_ADD = _UPSERT + "tokens = tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"
-_AT_LEAST = (_UPSERT + "tokens = max(tokens, excluded.tokens), "
-             "nanousd = max(nanousd, excluded.nanousd)")  # fmt: skip
+_WINDOWS: Final = """SELECT kind, start, "end", tokens, nanousd FROM budget_windows
+    WHERE provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))"""
+_OPEN_WINDOWS: Final = """SELECT provider, kind, start, "end", tokens, nanousd FROM budget_windows
+    WHERE "end" > ?"""
+_RESERVE: Final = """INSERT INTO budget_ledger (provider, reserved_tokens, reserved_nanousd, at,
+    day_start, month_start, month_end) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"""
+_ADD: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
+    tokens = tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"""
+_AT_LEAST: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
+    tokens = max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"""
+# "settled = 0": settling again (a retried settlement) changes nothing; NULL (unknown) keeps
+# the reserved amount.
+_SETTLE: Final = """UPDATE budget_ledger SET settled = 1, settled_at = ?,
+    actual_tokens = coalesce(?, reserved_tokens), actual_nanousd = coalesce(?, reserved_nanousd)
+    WHERE id = ? AND settled = 0 RETURNING actual_tokens - reserved_tokens,
+    actual_nanousd - reserved_nanousd, provider, day_start, month_start"""
+_SETTLE_WINDOWS: Final = """UPDATE budget_windows SET tokens = tokens + ?, nanousd = nanousd + ?
+    WHERE provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))"""
 
 
-class Ledger:
-    """The ledger half of ``Store`` (a mixin: ``Store`` provides the engine and the clock)."""
+class Ledger(Engine):
+    """The ledger half of ``Store``."""
 
-    _db: Engine
-    _clock: Clock
-    # (provider, kind, start) -> (end, tokens, nanousd) of the windows this process has seen.
+    # (provider, kind, start) -> (end, tokens, nanousd) of the open windows seen since open.
     _seen: dict[tuple[str, str, int], tuple[int, int, int]]
 
-    async def _remember_open_windows(self, conn: Connection) -> None:
-        rows = await conn.execute_fetchall('SELECT provider, kind, start, "end", tokens, nanousd '
-                                           'FROM budget_windows WHERE "end" > ?',
-                                           (self._clock.time(),))  # fmt: skip
-        self._seen.update({(p, k, int(s)): (int(e), int(t), int(n)) for p, k, s, e, t, n in rows})
-
-    async def _carry_forward(self, conn: Connection) -> None:
-        """The file changed underneath: it must not hold less than we know was used."""
+    async def _prepare(self, conn: Connection, *, replaced: bool) -> None:
+        """A file deleted or replaced while running first gets the totals of the open windows
+        seen (never lowering what it holds); then remember what its open windows hold."""
         now = self._clock.time()
-        kept = [(*key, *v) for key, v in self._seen.items() if v[0] > now]
-        await conn.execute_fetchall("BEGIN IMMEDIATE")
-        try:
-            for row in kept:
-                await conn.execute_fetchall(_AT_LEAST, row)
-            await conn.execute_fetchall("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                await conn.execute_fetchall("ROLLBACK")
-            raise
-        if kept:
-            log.warning("store: %s was replaced or removed while running: carried the totals of "
-                        "%d open budget windows into it (the budget does not restart from zero)",
-                        self._db.path, len(kept))  # fmt: skip
-        await self._remember_open_windows(conn)
+        if replaced:
+            kept = [(*key, *value) for key, value in self._seen.items() if value[0] > now]
+            await atomically(conn, lambda conn: conn.executemany(_AT_LEAST, kept))
+            if kept:
+                log.warning(
+                    "store: %s was replaced or removed while running: carried the totals of %d "
+                    "open budget windows into it (the budget does not restart from zero)",
+                    self.path,
+                    len(kept),
+                )
+        rows = await conn.execute_fetchall(_OPEN_WINDOWS, (now,))
+        self._seen = {(p, k, s): (e, t, n) for p, k, s, e, t, n in rows}
 
     async def _totals(self, conn: Connection, provider: str, day: int, month: int) -> LedgerTotals:
-        used = {"day": (0, 0), "month": (0, 0)}
+        used = {"day": WindowTotals(day), "month": WindowTotals(month)}
         for kind, start, end, tokens, nanousd in await conn.execute_fetchall(
-            'SELECT kind, start, "end", tokens, nanousd FROM budget_windows WHERE provider = ? '
-            "AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))",
-            (provider, day, month),
+            _WINDOWS, (provider, day, month)
         ):
-            used[kind] = (int(tokens), int(nanousd))
-            self._seen[(provider, kind, int(start))] = (int(end), int(tokens), int(nanousd))
-        return LedgerTotals(provider, WindowTotals(day, *used["day"]),
-                            WindowTotals(month, *used["month"]))  # fmt: skip
+            used[kind] = WindowTotals(start, tokens, nanousd)
+            self._seen[(provider, kind, start)] = (end, tokens, nanousd)
+        return LedgerTotals(provider, used["day"], used["month"])
 
     async def budget_reserve(
-        self, provider: str, *, tokens: int, nanousd: int, at: float, windows: LedgerWindows,
+        self,
+        provider: str,
+        *,
+        tokens: int,
+        nanousd: int,
+        at: float,
+        windows: LedgerWindows,
         limits: LedgerLimits,
-    ) -> LedgerDecision | None:  # fmt: skip
+    ) -> LedgerDecision | None:
         """Check the limits and insert the reservation in one write transaction. None when
         the database could not be written: the caller must treat that as a denial."""
         w = windows
 
-        async def body(conn: Connection) -> LedgerDecision:
+        async def reserve(conn: Connection) -> LedgerDecision:
             totals = await self._totals(conn, provider, w.day_start, w.month_start)
             if not limits.admits(totals, tokens, nanousd):
                 return LedgerDecision(None, totals)
-            row = await conn.execute_insert(
-                "INSERT INTO budget_ledger (provider, reserved_tokens, reserved_nanousd, at, "
-                "day_start, month_start, month_end) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (provider, tokens, nanousd, at, w.day_start, w.month_start, w.month_end),
-            )
-            for kind, start, end in (("day", w.day_start, w.day_end),
-                                     ("month", w.month_start, w.month_end)):  # fmt: skip
+            row = (provider, tokens, nanousd, at, w.day_start, w.month_start, w.month_end)
+            ((reservation_id,),) = await conn.execute_fetchall(_RESERVE, row)
+            for kind, start, end in (
+                ("day", w.day_start, w.day_end),
+                ("month", w.month_start, w.month_end),
+            ):
                 await conn.execute_fetchall(_ADD, (provider, kind, start, end, tokens, nanousd))
             after = await self._totals(conn, provider, w.day_start, w.month_start)
-            return LedgerDecision(int(row[0]) if row else None, after)
+            return LedgerDecision(reservation_id, after)
 
         try:
-            return await self._db.write(body)
+            return await self.run(reserve, transaction=True)
         except FAULTS as exc:
-            self._db.report("budget", exc)
+            self.report("budget", exc)
             return None
 
     async def budget_settle(
@@ -176,32 +173,21 @@ class Ledger:
         """
         outcome: list[LedgerTotals] = []
         at = self._clock.time()
-        await self._db.submit("budget", partial(self._settle, reservation_id, tokens, nanousd,
-                                                at, outcome))  # fmt: skip
-        return outcome[0] if outcome else None
 
-    async def _settle(self, rid: int, tokens: int | None, nanousd: int | None, at: float,
-                      outcome: list[LedgerTotals], conn: Connection) -> None:  # fmt: skip
-        rows = list(await conn.execute_fetchall(
-            "SELECT provider, reserved_tokens, reserved_nanousd, day_start, month_start "
-            "FROM budget_ledger WHERE id = ? AND settled = 0", (rid,)))  # fmt: skip
-        if not rows:  # already settled (a retried settlement) or gone: nothing to change
-            return
-        provider, reserved_tokens, reserved_nanousd, day, month = rows[0]
-        tokens = reserved_tokens if tokens is None else tokens  # unknown: keep the reservation
-        nanousd = reserved_nanousd if nanousd is None else nanousd
-        await conn.execute_fetchall(
-            "UPDATE budget_ledger SET settled = 1, actual_tokens = ?, actual_nanousd = ?, "
-            "settled_at = ? WHERE id = ?", (tokens, nanousd, at, rid))  # fmt: skip
-        await conn.execute_fetchall(
-            "UPDATE budget_windows SET tokens = tokens + ?, nanousd = nanousd + ? WHERE "
-            "provider = ? AND ((kind = 'day' AND start = ?) OR (kind = 'month' AND start = ?))",
-            (tokens - reserved_tokens, nanousd - reserved_nanousd, provider, day, month),
-        )
-        outcome.append(await self._totals(conn, provider, day, month))
+        async def settle(conn: Connection) -> None:
+            changes = await conn.execute_fetchall(_SETTLE, (at, tokens, nanousd, reservation_id))
+            for extra_tokens, extra_nanousd, provider, day, month in changes:
+                await conn.execute_fetchall(
+                    _SETTLE_WINDOWS, (extra_tokens, extra_nanousd, provider, day, month)
+                )
+                outcome.append(await self._totals(conn, provider, day, month))
+
+        landed = await self.submit("budget", settle)
+        return outcome[-1] if landed and outcome else None
 
     async def budget_totals(self, provider: str, windows: LedgerWindows) -> LedgerTotals | None:
         """What the windows have used so far (None when the database cannot be read)."""
-        query = partial(self._totals, provider=provider, day=windows.day_start,
-                        month=windows.month_start)  # fmt: skip
-        return await self._db.read("budget", query, None)
+        day, month = windows.day_start, windows.month_start
+        return await self.read(
+            "budget", lambda conn: self._totals(conn, provider, day, month), None
+        )

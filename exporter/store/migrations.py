@@ -1,19 +1,16 @@
-"""Forward-only, numbered schema migrations; ``PRAGMA user_version`` = migrations applied.
-
-Each migration runs in its own ``BEGIN IMMEDIATE`` transaction with the ``user_version`` bump
-(the header write is transactional), so it is applied completely or not at all, and of two
-processes opening a new file the second waits for the lock, re-reads the version and finds
-nothing to do. SQL lives in Python strings so it ships in the wheel. Never edit a released
-migration: append a new one.
-"""
+"""Forward-only schema migrations; ``PRAGMA user_version`` = migrations applied. Never edit a
+released migration: append a new one (docs/storage.md, "Migrations")."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import aiosqlite
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -26,35 +23,33 @@ class SchemaTooNewError(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    version: int
+    """One schema step; its version is its place in the list (``MIGRATIONS[0]`` is 1)."""
+
     name: str
     statements: tuple[str, ...]
 
 
-# probe_runs.details is ProbeResult.to_dict() as JSON, the source of truth on read; the other
-# columns are what queries filter and sort on. Money in the ledger is integer nano-USD.
-# budget_windows holds running totals per provider and window, maintained in the transaction
-# of every ledger insert/settle: the check reads one row per window, and retention can delete
-# old ledger rows without changing what the current windows have used.
-_INITIAL = Migration(1, "initial schema", (
-    """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
+# docs/storage.md explains each table ("Schema").
+_INITIAL = Migration(
+    "initial schema",
+    (
+        """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
         provider TEXT NOT NULL, model TEXT NOT NULL, probe TEXT NOT NULL, verdict TEXT NOT NULL,
         caching_works INTEGER CHECK (caching_works IN (0, 1)), hit_ratio REAL,
         success INTEGER NOT NULL CHECK (success IN (0, 1)), error_type TEXT, error TEXT,
         started_at REAL NOT NULL, finished_at REAL NOT NULL, duration_seconds REAL NOT NULL,
         details TEXT NOT NULL)""",
-    "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
-    "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
-    "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
-    # cached/cache_write NULL = no request of the run reported the field.
-    """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
+        "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
+        "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
+        "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
+        """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
         REFERENCES probe_runs (run_id) ON DELETE CASCADE, provider TEXT NOT NULL,
         model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER,
         cache_write_tokens INTEGER, completion_tokens INTEGER NOT NULL,
         spend_usd REAL NOT NULL, savings_usd REAL NOT NULL, at REAL NOT NULL)""",
-    "CREATE INDEX token_usage_at ON token_usage (at)",
-    "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
-    """CREATE TABLE budget_ledger (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+        "CREATE INDEX token_usage_at ON token_usage (at)",
+        "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
+        """CREATE TABLE budget_ledger (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
         reserved_tokens INTEGER NOT NULL CHECK (reserved_tokens >= 0),
         reserved_nanousd INTEGER NOT NULL CHECK (reserved_nanousd >= 0),
         actual_tokens INTEGER CHECK (actual_tokens >= 0),
@@ -62,40 +57,58 @@ _INITIAL = Migration(1, "initial schema", (
         settled INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)), at REAL NOT NULL,
         settled_at REAL, day_start INTEGER NOT NULL, month_start INTEGER NOT NULL,
         month_end INTEGER NOT NULL)""",
-    "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
-    "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
-    """CREATE TABLE budget_windows (provider TEXT NOT NULL,
+        "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
+        "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
+        """CREATE TABLE budget_windows (provider TEXT NOT NULL,
         kind TEXT NOT NULL CHECK (kind IN ('day', 'month')), start INTEGER NOT NULL,
         "end" INTEGER NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
         nanousd INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (provider, kind, start)) WITHOUT ROWID""",
-    'CREATE INDEX budget_windows_end ON budget_windows ("end")',
-    """CREATE TABLE balances (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+        'CREATE INDEX budget_windows_end ON budget_windows ("end")',
+        """CREATE TABLE balances (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
         currency TEXT NOT NULL, amount REAL NOT NULL, at REAL NOT NULL)""",
-    "CREATE INDEX balances_latest ON balances (provider, currency, at)",
-    "CREATE INDEX balances_at ON balances (at)",
-    """CREATE TABLE model_state (provider TEXT NOT NULL, model TEXT NOT NULL,
+        "CREATE INDEX balances_latest ON balances (provider, currency, at)",
+        "CREATE INDEX balances_at ON balances (at)",
+        """CREATE TABLE model_state (provider TEXT NOT NULL, model TEXT NOT NULL,
         consecutive_failures INTEGER NOT NULL, consecutive_successes INTEGER NOT NULL,
         cooldown_until REAL, updated_at REAL NOT NULL, PRIMARY KEY (provider, model))
         WITHOUT ROWID""",
-))  # fmt: skip
+    ),
+)
 
-# A run's W3C trace id, so /api/runs?trace_id= finds the run of a gateway's trace with one
-# index seek. Rows from before stay NULL (they carried no trace).
-_TRACE_ID = Migration(2, "probe_runs.trace_id", (
-    "ALTER TABLE probe_runs ADD COLUMN trace_id TEXT",
-    "CREATE INDEX probe_runs_trace ON probe_runs (trace_id) WHERE trace_id IS NOT NULL",
-))  # fmt: skip
+# Rows from before stay NULL (they carried no trace).
+_TRACE_ID = Migration(
+    "probe_runs.trace_id",
+    (
+        "ALTER TABLE probe_runs ADD COLUMN trace_id TEXT",
+        "CREATE INDEX probe_runs_trace ON probe_runs (trace_id) WHERE trace_id IS NOT NULL",
+    ),
+)
 
 MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _TRACE_ID)
 
-# Machinery rather than a migration: when each migration was applied.
 _AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,
     name TEXT NOT NULL, applied_at REAL NOT NULL)"""
 
 
+async def atomically(
+    conn: aiosqlite.Connection, body: Callable[[aiosqlite.Connection], Awaitable[T]]
+) -> T:
+    """``body`` in one transaction, committed whole or rolled back. IMMEDIATE takes the write
+    lock before anything is read, so nothing ``body`` reads can change before it writes."""
+    await conn.execute_fetchall("BEGIN IMMEDIATE")
+    try:
+        result = await body(conn)
+        await conn.execute_fetchall("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            await conn.execute_fetchall("ROLLBACK")
+        raise
+    return result
+
+
 async def schema_version(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
-    return int(rows[0][0])
+    ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
+    return int(version)
 
 
 def _too_new(version: int, latest: int) -> SchemaTooNewError:
@@ -108,42 +121,30 @@ def _too_new(version: int, latest: int) -> SchemaTooNewError:
 async def migrate(
     conn: aiosqlite.Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
 ) -> int:
-    """Bring the schema up to date (``conn`` in autocommit mode); return the version after.
-
-    Raises ``SchemaTooNewError`` for a file from a newer exporter, ``StoreError`` for an
-    inconsistent migration list, sqlite3 errors when a statement fails (that migration is
-    rolled back; earlier ones stay applied).
-    """
-    for index, migration in enumerate(migrations, start=1):
-        if migration.version != index:
-            raise StoreError(
-                f"migration {migration.name!r} is numbered {migration.version}, expected {index}"
-            )
+    """Bring the schema up to date, one transaction per migration; return the version after.
+    Raises ``SchemaTooNewError`` for a file from a newer exporter."""
     latest = len(migrations)
     if (version := await schema_version(conn)) > latest:
         raise _too_new(version, latest)
-    for migration in migrations[version:]:
-        await conn.execute_fetchall("BEGIN IMMEDIATE")
-        try:
-            current = await schema_version(conn)  # another process may have migrated meanwhile
-            if current > latest:
-                raise _too_new(current, latest)
-            if current >= migration.version:
-                await conn.execute_fetchall("ROLLBACK")
-                continue
-            await conn.execute_fetchall(_AUDIT_TABLE)
-            for statement in migration.statements:
-                await conn.execute_fetchall(statement)
-            # PRAGMA takes no bound parameters; the version is an int we control.
-            await conn.execute_fetchall(f"PRAGMA user_version = {int(migration.version)}")
-            await conn.execute_fetchall(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.name, now),
-            )
-            await conn.execute_fetchall("COMMIT")
-        except BaseException:
-            # No transaction open, or the connection is gone: the original error is the one.
-            with contextlib.suppress(aiosqlite.Error, ValueError):
-                await conn.execute_fetchall("ROLLBACK")
-            raise
+    for number, migration in enumerate(migrations[version:], start=version + 1):
+        step = partial(_apply, migration=migration, number=number, now=now, latest=latest)
+        await atomically(conn, step)
     return await schema_version(conn)
+
+
+async def _apply(
+    conn: aiosqlite.Connection, *, migration: Migration, number: int, now: float, latest: int
+) -> None:
+    # Re-read under the write lock: another process may have migrated meanwhile.
+    if (current := await schema_version(conn)) > latest:
+        raise _too_new(current, latest)
+    if current >= number:
+        return
+    await conn.execute_fetchall(_AUDIT_TABLE)
+    for statement in migration.statements:
+        await conn.execute_fetchall(statement)
+    await conn.execute_fetchall(f"PRAGMA user_version = {number}")  # PRAGMA binds nothing
+    await conn.execute_fetchall(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+        (number, migration.name, now),
+    )

@@ -1,55 +1,48 @@
-"""``WebConfigMiddleware``: the ASGI layer that applies the config in force to every request."""
+"""The ASGI layer applying the web config in force: headers, the rate limit and basic auth."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
+from typing import Final
 
+import anyio
+import anyio.to_thread
+import bcrypt
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.webconfig.auth import BasicAuthenticator
-from exporter.webconfig.models import RateLimit, WebConfigError
+from exporter.webconfig.models import BCRYPT_HASH, RateLimit, WebConfigError
 from exporter.webconfig.source import WebConfigSource
 
+log = logging.getLogger("exporter.webconfig")
 
-class _TokenBucket:
-    def __init__(self, limit: RateLimit) -> None:
-        self.limit = limit
-        self._tokens = float(limit.burst)
-        self._at = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        refill = (now - self._at) / self.limit.interval  # never 0: that means no limit
-        self._tokens = min(float(self.limit.burst), self._tokens + refill)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+# The toolkit's own dummy, bcrypt("fakepassword") at cost 10 (see BasicAuthenticator).
+_DUMMY_HASH_COST_10: Final = b"$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
+_FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
+_SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect
+_SUSPECT_QUEUE: Final = 4  # suspect checks waiting at most; beyond, refused without bcrypt
+_MAX_CLIENTS: Final = 4096  # clients remembered (bounded memory)
 
 
 class WebConfigMiddleware:
-    """Applies the web config in force to every HTTP request, before any endpoint runs.
-
-    Order, as in the toolkit: a config that does not load → 500; rate limit → 429; then the
-    configured headers go on every response (401s included) and basic auth is required on
-    every path (the toolkit wraps the whole mux; /healthz is no exception).
-    """
+    """Applies the web config in force to every HTTP request, in the toolkit's order: a config
+    that does not load → 500; rate limit → 429; basic auth on every path (/healthz too); the
+    configured headers on every response, 401s included."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        source: WebConfigSource,
-        authenticator: BasicAuthenticator | None = None,
+        self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator | None
     ) -> None:
-        self.app = app
-        self.source = source
+        self.app, self.source = app, source
         self.authenticator = authenticator or BasicAuthenticator()
-        self._bucket: _TokenBucket | None = None
+        self._bucket: tuple[RateLimit, float, float] | None = None  # limit, tokens, at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,49 +51,156 @@ class WebConfigMiddleware:
         try:
             config = self.source.current()
         except WebConfigError:  # logged by the source; the client learns nothing of the file
-            await _plain(scope, receive, send, 500, "Internal Server Error")
+            await PlainTextResponse("Internal Server Error\n", 500)(scope, receive, send)
             return
         # latin-1, as starlette decodes it: non-ASCII then fails base64 decoding, as it should.
         authorization = Headers(scope=scope).get("authorization")
         # A credential that already passed skips the rate limit: an unauthenticated flood
         # must not make Prometheus' scrapes 429.
         known = bool(config.users) and self.authenticator.cached(config.users, authorization)
+        peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
-            await _plain(scope, receive, send, 429, "Too Many Requests")
+            await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
             return
-        if config.users and not known:
-            client = scope.get("client")
-            peer = str(client[0]) if client else None
-            if not await self.authenticator.check(config.users, authorization, peer):
-                headers = {**config.headers, "WWW-Authenticate": "Basic"}
-                await _plain(scope, receive, send, 401, "Unauthorized", headers)
-                return
+        open_door = known or not config.users
+        if not open_door and not await self.authenticator.check(config.users, authorization, peer):
+            headers = {**config.headers, "WWW-Authenticate": "Basic"}
+            await PlainTextResponse("Unauthorized\n", 401, headers)(scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                headers = MutableHeaders(scope=message)
-                for name, value in config.headers.items():
-                    headers[name] = value
+                MutableHeaders(scope=message).update(config.headers)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers if config.headers else send)
+        await self.app(scope, receive, send_with_headers)
 
     def _allow(self, limit: RateLimit | None) -> bool:
+        """A token bucket of ``burst`` requests, refilled one per ``interval``."""
         if limit is None:
-            self._bucket = None
             return True
-        if self._bucket is None or self._bucket.limit != limit:
-            self._bucket = _TokenBucket(limit)
-        return self._bucket.allow()
+        now = time.monotonic()
+        previous, tokens, at = self._bucket or (limit, limit.burst, now)
+        if previous != limit:  # a new limit starts full
+            tokens, at = limit.burst, now
+        tokens = min(limit.burst, tokens + (now - at) / limit.interval)
+        self._bucket = (limit, tokens - 1 if tokens >= 1 else tokens, now)
+        return tokens >= 1
 
 
-async def _plain(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    status: int,
-    text: str,
-    headers: Mapping[str, str] | None = None,
-) -> None:
-    await PlainTextResponse(text + "\n", status, headers)(scope, receive, send)
+class BasicAuthenticator:
+    """Checks ``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth").
+
+    Successes are cached, so bcrypt's cost is paid once per credential. Failures are not; an
+    unknown user is checked against a dummy hash of the highest configured cost, and every
+    failure takes as long as the slowest check so far, so timing reveals nothing. bcrypt runs
+    in a worker thread one check at a time, as in the toolkit; clients that keep failing wait
+    on a limiter and a short queue of their own, so a flood waits behind itself.
+    """
+
+    def __init__(self, *, cache_size: int = 256) -> None:
+        self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()
+        self._cache_size = cache_size
+        self._limiter, self._suspect_limiter = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
+        self._suspects_waiting = 0
+        self._inflight: Counter[str] = Counter()
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # at, count
+        self._slowest = 0.0
+        self._dummy: dict[int, bytes] = {10: _DUMMY_HASH_COST_10}
+        self.verifications = 0  # bcrypt computations so far
+        self.refused_unverified = 0  # failures answered without bcrypt (suspect queue full)
+
+    def cached(self, users: Mapping[str, str], authorization: str | None) -> bool:
+        """A credential that already passed: no bcrypt, no queue, no rate limit."""
+        key = _cache_key(users, parse_basic_auth(authorization))
+        if key is None or key not in self._cache:
+            return False
+        self._cache.move_to_end(key)
+        return True
+
+    async def check(
+        self, users: Mapping[str, str], authorization: str | None, client: str | None = None
+    ) -> bool:
+        if self.cached(users, authorization):
+            return True
+        if (credentials := parse_basic_auth(authorization)) is None:
+            return False  # names no user: nothing to verify
+        started, name = time.monotonic(), client or "?"
+        key = _cache_key(users, credentials)
+        target = key[1].encode("ascii") if key else await self._dummy_hash(users)
+        suspect = self._recent_failures(name, started) + self._inflight[name] >= _SUSPECT_AFTER
+        if suspect and self._suspects_waiting >= _SUSPECT_QUEUE:
+            self.refused_unverified += 1
+            return await self._failed(name, started)
+        self._suspects_waiting += suspect
+        self._inflight[name] += 1
+        try:
+            limiter = self._suspect_limiter if suspect else self._limiter
+            ok = await anyio.to_thread.run_sync(_checkpw, credentials[1], target, limiter=limiter)
+        finally:
+            self._suspects_waiting -= suspect
+            self._inflight[name] -= 1
+            self._inflight += Counter()  # drops clients with no check in flight
+        self.verifications += 1
+        if not ok or key is None:
+            return await self._failed(name, started)
+        self._cache[key] = None
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return True
+
+    def _recent_failures(self, client: str, now: float) -> int:
+        at, count = self._failures.get(client, (0.0, 0))
+        return count if now - at < _FAILURE_WINDOW else 0
+
+    async def _failed(self, client: str, started: float) -> bool:
+        count = self._recent_failures(client, started) + 1
+        self._failures[client] = (started, count)
+        self._failures.move_to_end(client)
+        if len(self._failures) > _MAX_CLIENTS:
+            self._failures.popitem(last=False)
+        # At most one line per client and minute reaches the log (exporter.asgi's filter).
+        log.warning("web: basic auth failed for a client (%d failures in the last minute)", count)
+        elapsed = time.monotonic() - started
+        self._slowest = max(self._slowest, elapsed)
+        await anyio.sleep(self._slowest - elapsed)
+        return False
+
+    async def _dummy_hash(self, users: Mapping[str, str]) -> bytes:
+        costs = [int(m.group(1)) for h in users.values() if (m := BCRYPT_HASH.fullmatch(h))]
+        if (cost := max(costs, default=10)) not in self._dummy:
+            self._dummy[cost] = await anyio.to_thread.run_sync(
+                bcrypt.hashpw, b"not a password", bcrypt.gensalt(cost), limiter=self._limiter
+            )
+        return self._dummy[cost]
+
+
+def _cache_key(
+    users: Mapping[str, str], credentials: tuple[bytes, bytes] | None
+) -> tuple[bytes, str, bytes] | None:
+    """(user, hash, sha256 of the password) for a configured user, else None. Names are
+    compared in constant time, with no early exit: time does not depend on rank."""
+    if credentials is None:
+        return None
+    user, password = credentials
+    hashed = [h for name, h in users.items() if hmac.compare_digest(name.encode("utf-8"), user)]
+    return (user, hashed[0], hashlib.sha256(password).digest()) if hashed else None
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:  # bcrypt 5 refuses passwords over 72 bytes; Go's fails them too
+        return False
+
+
+def parse_basic_auth(header: str | None) -> tuple[bytes, bytes] | None:
+    """(user, password) as bytes from an ``Authorization`` value, or None if not Basic."""
+    scheme, _, encoded = (header or "").partition(" ")
+    try:
+        decoded = base64.b64decode(encoded.strip().encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep and scheme.lower() == "basic" else None

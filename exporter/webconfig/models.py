@@ -1,8 +1,4 @@
-"""The web config file as pydantic models, with exporter-toolkit's names and rules.
-
-A Go setting that Python's ``ssl`` cannot honour exactly is refused with a message saying so,
-never silently weakened. ``WebConfigFile`` is the file's layout, ``WebConfig`` the value in force.
-"""
+"""The web config file as pydantic models, with exporter-toolkit's names and rules."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -21,9 +17,8 @@ from pydantic import (
     Field,
     PlainValidator,
     StrictBool,
-    StringConstraints,
+    StrictStr,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -36,69 +31,29 @@ TLS_VERSIONS: Final = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-CLIENT_AUTH_TYPES: Final = (
-    "NoClientCert",
-    "RequestClientCert",
-    "RequireAnyClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-)
-# Go's names of the TLS 1.0-1.2 suites the toolkit accepts, and OpenSSL's names for them.
-TLS12_CIPHERS: Final = {
-    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
-    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-}
-# TLS 1.3 suites are not configurable in Go either: listing them is accepted and does nothing.
-TLS13_CIPHERS: Final = (
-    "TLS_AES_128_GCM_SHA256",
-    "TLS_AES_256_GCM_SHA384",
-    "TLS_CHACHA20_POLY1305_SHA256",
-)
-CURVES: Final = {
-    "CurveP256": "prime256v1",
-    "CurveP384": "secp384r1",
-    "CurveP521": "secp521r1",
-    "X25519": "X25519",
-}
 # The only headers the toolkit lets a web config set, and the values of the enumerated ones.
-ALLOWED_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = MappingProxyType(
-    {
-        "Content-Security-Policy": None,
-        "X-Frame-Options": ("deny", "sameorigin"),
-        "X-Content-Type-Options": ("nosniff",),
-        "X-XSS-Protection": None,
-        "Strict-Transport-Security": None,
-    }
-)
+ALLOWED_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = {
+    "Content-Security-Policy": None,
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-Content-Type-Options": ("nosniff",),
+    "X-XSS-Protection": None,
+    "Strict-Transport-Security": None,
+}
 # $2a$/$2b$/$2y$ are the variants both Go's and Python's bcrypt verify; cost 04-31.
 BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-_HASH_HINT: Final = "generate one with: htpasswd -nBC 10 \"\" | tr -d ':\\n'"
 
 
 class WebConfigError(Exception):
     """The web config is invalid. ``str()`` is one line: file, key, problem."""
 
     def __init__(self, detail: str, path: str | os.PathLike[str] | None = None) -> None:
-        self.detail = detail
-        self.path = None if path is None else Path(path)
+        self.detail, self.path = detail, None if path is None else Path(path)
         super().__init__(f"web config file {self.path}: {detail}" if self.path else detail)
 
 
-def invalid(message: str, field: str | None = None) -> PydanticCustomError:
-    """A validation error, about ``field`` below the key validated if given."""
-    return PydanticCustomError("webconfig", "{message}", {"message": message, "field": field})
+def invalid(message: str, key: object = None) -> PydanticCustomError:
+    """A validation error about ``key`` (below the one validated), or about the one validated."""
+    return PydanticCustomError("webconfig", "{message}", {"message": message, "key": key})
 
 
 class _Model(BaseModel):
@@ -106,22 +61,14 @@ class _Model(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _blank_is_unset(cls, data: Any) -> Any:
-        # The toolkit's YAML: a key set to null or "" is a key left out.
+    def _known_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {k: v for k, v in data.items() if v not in ("", None) or k not in cls.model_fields}
-
-
-def _tls_version(value: Any) -> Any:
-    if isinstance(value, str) and value not in TLS_VERSIONS:
-        expected = ", ".join(TLS_VERSIONS)
-        raise ValueError(f'unknown TLS version "{value}" (expected one of {expected})')
-    if isinstance(value, str):
-        return TLS_VERSIONS[value]
-    if not isinstance(value, ssl.TLSVersion):
-        raise ValueError("must be a string")
-    return value
+        for key in data:
+            if key not in cls.model_fields:
+                raise invalid(f"unknown key (expected one of {', '.join(cls.model_fields)})", key)
+        # The toolkit's YAML: a key set to null or "" is a key left out.
+        return {key: value for key, value in data.items() if value not in ("", None)}
 
 
 def _file(value: Any, info: ValidationInfo) -> Path:
@@ -130,25 +77,25 @@ def _file(value: Any, info: ValidationInfo) -> Path:
     return Path((info.context or {}).get("base", "."), value)  # relative to the web config
 
 
-Names = tuple[Annotated[str, StringConstraints(strict=True, min_length=1)], ...]
-Secret = Annotated[str | None, StringConstraints(strict=True), Field(repr=False)]
-Version = Annotated[ssl.TLSVersion, BeforeValidator(_tls_version)]
+Names = tuple[Annotated[StrictStr, Field(min_length=1)], ...]
+Secret = Annotated[StrictStr | None, Field(repr=False)]
 File = Annotated[Path | None, BeforeValidator(_file)]
+Version = Literal["TLS10", "TLS11", "TLS12", "TLS13"]  # Go names, keys of TLS_VERSIONS
 
 
 class TLSServerConfig(_Model):
-    """``tls_server_config``."""
+    """``tls_server_config``; ``tls.build_ssl_context`` checks the values together."""
 
     cert: Secret = None
     key: Secret = None
     client_ca: Secret = None
     cert_file: File = None
     key_file: File = None
-    client_auth_type: Annotated[str, StringConstraints(strict=True)] = "NoClientCert"
+    client_auth_type: StrictStr = "NoClientCert"  # Go names, as written
     client_ca_file: File = None
     client_allowed_sans: Names = ()
-    min_version: Version = ssl.TLSVersion.TLSv1_2
-    max_version: Version = ssl.TLSVersion.TLSv1_3
+    min_version: Version = "TLS12"
+    max_version: Version = "TLS13"
     cipher_suites: Names = ()  # Go names, as written
     prefer_server_cipher_suites: StrictBool = True
     curve_preferences: Names = ()  # Go names, as written
@@ -157,71 +104,12 @@ class TLSServerConfig(_Model):
     def enabled(self) -> bool:
         """The toolkit's rule: TLS is on when one of these is set; the rest alone does nothing."""
         switches = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
-        return bool(self.model_fields_set & (switches | {"client_auth_type"}))
+        return bool(self.model_fields_set & {*switches, "client_auth_type"})
 
     @property
     def files(self) -> tuple[Path, ...]:
         """Files whose change must rebuild the TLS context."""
         return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
-
-    @field_validator("client_auth_type")
-    @classmethod
-    def _supported_auth_type(cls, value: str) -> str:
-        value = "RequireAnyClientCert" if value == "RequireClientCert" else value  # Go's alias
-        if value not in CLIENT_AUTH_TYPES:
-            expected = ", ".join(CLIENT_AUTH_TYPES)
-            raise ValueError(f'unknown value "{value}" (expected one of {expected})')
-        if value == "RequireAnyClientCert":
-            raise ValueError(
-                "RequireAnyClientCert is not supported (Python's ssl module cannot require a "
-                "client certificate without verifying it); use RequireAndVerifyClientCert "
-                "with client_ca_file"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if not self.enabled:
-            return self
-        for inline in ("cert", "key", "client_ca"):
-            if getattr(self, inline) and getattr(self, f"{inline}_file"):
-                raise invalid(f"{inline} and {inline}_file are mutually exclusive")
-        for inline in ("cert", "key"):
-            if not (getattr(self, inline) or getattr(self, f"{inline}_file")):
-                raise invalid(f"missing one of {inline} or {inline}_file")
-        auth, has_ca = self.client_auth_type, bool(self.client_ca_file or self.client_ca)
-        if has_ca and auth == "NoClientCert":
-            raise invalid("client_ca_file or client_ca is set but client_auth_type is NoClientCert")
-        if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
-            raise invalid(f"client_auth_type {auth} needs client_ca_file or client_ca")
-        if self.client_allowed_sans and auth != "RequireAndVerifyClientCert":
-            problem = "requires client_auth_type RequireAndVerifyClientCert"
-            raise invalid(problem, "client_allowed_sans")
-        if self.min_version > self.max_version:
-            names = {v: k for k, v in TLS_VERSIONS.items()}
-            low, high = names[self.min_version], names[self.max_version]
-            raise invalid(f"min_version {low} is above max_version {high}")
-        for name in self.cipher_suites:
-            if name not in TLS12_CIPHERS and name not in TLS13_CIPHERS:
-                raise invalid(f'unknown cipher "{name}"', "cipher_suites")
-        tls12 = any(name in TLS12_CIPHERS for name in self.cipher_suites)
-        if self.cipher_suites and not tls12 and self.min_version < ssl.TLSVersion.TLSv1_3:
-            # Go would then fail every TLS 1.2 handshake; say so rather than guess.
-            problem = (
-                "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites "
-                "too or set min_version: TLS13"
-            )
-            raise invalid(problem, "cipher_suites")
-        for name in self.curve_preferences:
-            if name not in CURVES:
-                raise invalid(f'unknown curve "{name}"', "curve_preferences")
-        if len(self.curve_preferences) > 1:
-            problem = (
-                "Python's ssl module can restrict key exchange to one curve only; list one "
-                "curve or remove the key to use OpenSSL's defaults"
-            )
-            raise invalid(problem, "curve_preferences")
-        return self
 
 
 def _headers(value: Any) -> Mapping[str, str]:
@@ -254,29 +142,24 @@ def _users(value: Any) -> Mapping[str, str]:
             raise invalid('a user name cannot contain ":"', name)
         # Never echo the hash: it is a secret (it allows an offline attack on the password).
         if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
-            raise invalid(f"not a bcrypt hash ({_HASH_HINT})", name)
+            hint = "generate one with: htpasswd -nBC 10 \"\" | tr -d ':\\n'"
+            raise invalid(f"not a bcrypt hash ({hint})", name)
     return MappingProxyType(dict(value))
-
-
-def _count(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("must be a non-negative integer")
-    return value
-
-
-def _empty() -> Mapping[str, str]:
-    return MappingProxyType({})
 
 
 Headers = Annotated[Mapping[str, str], PlainValidator(_headers)]
 Users = Annotated[Mapping[str, str], PlainValidator(_users), Field(repr=False)]
 
 
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
 class RateLimit(_Model):
     """``rate_limit``: a token bucket of ``burst`` requests refilled one per ``interval``."""
 
     interval: Duration = 0.0  # 0 turns the limit off, as in the toolkit
-    burst: Annotated[int, BeforeValidator(_count)] = 0
+    burst: Annotated[int, Field(ge=0, strict=True)] = 0
 
     @model_validator(mode="after")
     def _burst_with_interval(self) -> Self:
@@ -292,7 +175,7 @@ class HTTPServerConfig(_Model):
 
 
 class WebConfigFile(_Model):
-    """The file's layout; ``value()`` is the ``WebConfig`` it describes."""
+    """The file's layout, read as the ``WebConfig`` that ``value()`` returns."""
 
     tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
     http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)

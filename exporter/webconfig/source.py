@@ -7,60 +7,39 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from exporter.webconfig import models
 from exporter.webconfig.models import WebConfig, WebConfigError, WebConfigFile
 from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
 
 log = logging.getLogger("exporter.webconfig")
 
-# The model behind each section, to list its keys when an unknown one is found.
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "": WebConfigFile,
-    "tls_server_config": models.TLSServerConfig,
-    "http_server_config": models.HTTPServerConfig,
-    "rate_limit": models.RateLimit,
-}
-_MESSAGES = {
-    "model_type": "must be a mapping of keys",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "tuple_type": "must be a list of non-empty strings",
-}
+# pydantic's words, but for a mapping: its own names the model class.
+_MODEL_TYPE = "Input should be a mapping of keys"
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects duplicate keys, as Go's ``yaml.UnmarshalStrict`` does."""
+    """A SafeLoader that refuses duplicate keys, as Go's ``yaml.UnmarshalStrict`` does."""
 
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        with contextlib.suppress(TypeError):  # unhashable keys fail later with a clearer error
-            if key in seen:
-                raise WebConfigError(
-                    f'duplicate key "{key}" at line {key_node.start_mark.line + 1}'
-                )
-            seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        keys: list[Any] = []
+        for key_node, _ in node.value:
+            if (key := self.construct_object(key_node, deep)) in keys:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f'duplicate key "{key}"', mark)
+            keys.append(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """Read and validate a web config file, loading its certificates to prove they work.
-
-    Raises ``WebConfigError`` with one line naming the key; values are never quoted back.
-    """
+    """Read and validate a web config file, loading its certificates to prove they work;
+    raise ``WebConfigError``, one line naming the key."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
@@ -86,35 +65,22 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     return config
 
 
-def _describe(error: Any) -> str:
+def _describe(error: ErrorDetails) -> str:
     """``key.path: problem`` for one pydantic error."""
     loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
-    if any(isinstance(part, int) for part in loc):  # an item of a list: the list is wrong
-        loc, kind = loc[: [isinstance(p, int) for p in loc].index(True)], "tuple_type"
+    message = _MODEL_TYPE if kind == "model_type" else error["msg"]
     if kind == "webconfig":
-        loc += [ctx["field"]] if ctx["field"] else []
+        loc += [] if ctx["key"] is None else [ctx["key"]]
         message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
-    elif kind == "extra_forbidden":
-        expected = ", ".join(_SECTIONS[".".join(map(str, loc[:-1]))].model_fields)
-        message = f"unknown key (expected one of {expected})"
-    else:
-        message = _MESSAGES.get(kind, error["msg"])
     return f"{'.'.join(map(str, loc)) or 'top level'}: {message}"
 
 
 class WebConfigSource:
-    """The web config in force, re-read when its file or the files it names change.
-
-    ``current()`` stats the files at most once per ``check_interval`` seconds. A changed file
-    that no longer validates puts the source in an error state: ``current()`` and
-    ``ssl_context()`` raise ``WebConfigError`` (requests get 500, handshakes fail) until the
-    file is fixed. The toolkit fails closed the same way; serving the previous config instead
-    would keep a revoked password working. Whether TLS is on is fixed at start-up (the socket
-    is TLS or not): a change that adds or removes ``tls_server_config`` is an error until
-    reverted or the exporter restarts.
-    """
+    """The web config in force, re-read when its file or the files it names change. While a
+    changed file does not validate, ``current()`` and ``ssl_context()`` raise ``WebConfigError``
+    (docs/http.md, "Changes without restart")."""
 
     def __init__(
         self,
@@ -124,27 +90,13 @@ class WebConfigSource:
         check_interval: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._config = config
+        self._config, self._interval, self._monotonic = config, check_interval, monotonic
         self._watch = watch and config.path is not None
-        self._interval = check_interval
-        self._monotonic = monotonic
-        self._checked_at = monotonic()
-        self._signature = _signature(config.files)
+        self._checked_at, self._signature = monotonic(), _signature(config.files)
         self._error: WebConfigError | None = None
         self._ssl: ssl.SSLContext | None = None
-        self.tls_enabled = config.tls is not None
+        self.tls_enabled = config.tls is not None  # fixed at start: the socket is TLS or not
         self.generation = 0  # bumped on every successful reload
-
-    @classmethod
-    def from_file(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        check_interval: float = 1.0,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> WebConfigSource:
-        """Load ``path`` (raising ``WebConfigError``) and watch it."""
-        return cls(load_web_config(path), check_interval=check_interval, monotonic=monotonic)
 
     @property
     def error(self) -> str | None:
@@ -152,7 +104,7 @@ class WebConfigSource:
         return str(self._error) if self._error else None
 
     def current(self) -> WebConfig:
-        """The config in force; raises ``WebConfigError`` while the file is invalid."""
+        """The config in force (files checked at most once per interval)."""
         if self._watch and self._monotonic() - self._checked_at >= self._interval:
             self._checked_at = self._monotonic()
             # In the error state retry every interval: the fix may be a file we cannot know
@@ -166,17 +118,16 @@ class WebConfigSource:
 
     def reload(self) -> None:
         """Re-read the file now (the exporter's reload calls this); raises on error."""
-        path = self._config.path
-        if path is None:
+        if (path := self._config.path) is None:
             return
         try:
             config = load_web_config(path)
             if (config.tls is not None) != self.tls_enabled:
-                state = "added" if config.tls is not None else "removed"
-                problem = "while running; restart the exporter to switch between HTTP and HTTPS"
-                raise WebConfigError(f"tls_server_config: {state} {problem}", path)
+                change = "added" if config.tls is not None else "removed"
+                why = "restart the exporter to switch between HTTP and HTTPS"
+                raise WebConfigError(f"tls_server_config: {change} while running; {why}", path)
         except WebConfigError as exc:
-            if self._error is None or str(self._error) != str(exc):
+            if str(self._error) != str(exc):
                 log.error("web config not applied, refusing requests until fixed: %s", exc)
             self._error = exc
             raise
@@ -207,12 +158,13 @@ def server_ssl_context(source: WebConfigSource) -> ssl.SSLContext | None:
 
 
 def _signature(paths: tuple[Path, ...]) -> list[tuple[int, int, int] | None]:
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return out
+    """What a change check compares: mtime, size and inode of each file (None: missing)."""
+    return [_stat(path) for path in paths]
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

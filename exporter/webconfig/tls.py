@@ -1,22 +1,176 @@
-"""Server ``SSLContext``s from a validated ``tls_server_config``."""
+"""Server ``SSLContext``s from a ``tls_server_config``, checked while built as the toolkit's
+``ConfigToTLSConfig`` does; a Go setting ``ssl`` cannot honour exactly is refused."""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import logging
-import os
 import re
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
-from exporter.webconfig.models import CURVES, TLS12_CIPHERS, TLSServerConfig, WebConfigError
+from exporter.webconfig.models import TLS_VERSIONS, TLSServerConfig, WebConfigError
 
 log = logging.getLogger("exporter.webconfig")
-_W = "tls_server_config"
+
+# Go's names and the verify mode each means here. RequestClientCert: Go asks for a
+# certificate but never checks or uses it, so not asking grants exactly the same access.
+CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_NONE,
+    "RequireAnyClientCert": None,  # refused: see build_ssl_context
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+# Go's names of the suites the toolkit accepts, and OpenSSL's. None: a TLS 1.3 suite, which
+# is not configurable (in Go either): listing one is accepted and does nothing.
+CIPHERS: Final[Mapping[str, str | None]] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+}
+CURVES: Final = {
+    "CurveP256": "prime256v1",
+    "CurveP384": "secp384r1",
+    "CurveP521": "secp521r1",
+    "X25519": "X25519",
+}
+
+
+def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
+    """A server SSLContext for ``tls``; raises ``WebConfigError`` naming the key at fault."""
+    ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version, ctx.maximum_version = (
+        TLS_VERSIONS[tls.min_version],
+        TLS_VERSIONS[tls.max_version],
+    )
+    if ctx.minimum_version > ctx.maximum_version:
+        raise _error(f"min_version {tls.min_version} is above max_version {tls.max_version}")
+    if not tls.prefer_server_cipher_suites:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # on by default
+    _set_ciphers(ctx, tls)
+    for curve in tls.curve_preferences:
+        if curve not in CURVES:
+            raise _error(f'unknown curve "{curve}"', "curve_preferences")
+        ctx.set_ecdh_curve(CURVES[curve])
+    if len(tls.curve_preferences) > 1:
+        problem = "Python's ssl module can restrict key exchange to one curve only; list one"
+        raise _error(
+            f"{problem} curve or remove the key to use OpenSSL's defaults", "curve_preferences"
+        )
+    _load_cert_chain(ctx, tls)
+    auth = tls.client_auth_type
+    auth = "RequireAnyClientCert" if auth == "RequireClientCert" else auth  # Go's alias
+    if auth not in CLIENT_AUTH:
+        expected = ", ".join(CLIENT_AUTH)
+        raise _error(f'unknown value "{auth}" (expected one of {expected})', "client_auth_type")
+    if (mode := CLIENT_AUTH[auth]) is None:
+        raise _error(
+            "RequireAnyClientCert is not supported (Python's ssl module cannot require a client "
+            "certificate without verifying it); use RequireAndVerifyClientCert with client_ca_file",
+            "client_auth_type",
+        )
+    has_ca = bool(tls.client_ca_file or tls.client_ca)
+    if has_ca and auth == "NoClientCert":
+        raise _error("client_ca_file or client_ca is set but client_auth_type is NoClientCert")
+    if mode != ssl.CERT_NONE:
+        if not has_ca:
+            raise _error(f"client_auth_type {auth} needs client_ca_file or client_ca")
+        ca_key, ca = _pem(tls, "client_ca", "certificate")
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+        except ssl.SSLError as exc:
+            raise _error(f"cannot load the CA certificates: {_ssl_problem(exc)}", ca_key) from None
+    ctx.verify_mode = mode
+    if tls.client_allowed_sans:
+        if mode != ssl.CERT_REQUIRED:
+            raise _error(
+                "requires client_auth_type RequireAndVerifyClientCert", "client_allowed_sans"
+            )
+        ctx.allowed_sans = frozenset(tls.client_allowed_sans)
+        ctx.sslobject_class = _SanCheckingSSLObject
+    return ctx
+
+
+def _set_ciphers(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
+    for name in tls.cipher_suites:
+        if name not in CIPHERS:
+            raise _error(f'unknown cipher "{name}"', "cipher_suites")
+    names = [CIPHERS[name] for name in tls.cipher_suites]
+    if names and not any(names) and tls.min_version != "TLS13":
+        # Go would then fail every TLS 1.2 handshake; say so rather than guess.
+        problem = "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites"
+        raise _error(f"{problem} too or set min_version: TLS13", "cipher_suites")
+    if tls12 := [name for name in names if name]:
+        try:
+            ctx.set_ciphers(":".join(tls12))
+        except ssl.SSLError:
+            problem = "none of the listed suites is available in this OpenSSL"
+            raise _error(problem, "cipher_suites") from None
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
+    cert_key, cert = _pem(tls, "cert", "certificate")
+    key_key, key = _pem(tls, "key", "private key")
+    # load_cert_chain reads files only. The key and certificate just read (inline, or from
+    # their files: a rotation meanwhile cannot pair a new certificate with an old key) go
+    # through one private (0600) temporary file, deleted at once.
+    with tempfile.NamedTemporaryFile(prefix="pce-tls-", suffix=".pem") as pem:
+        pem.write(key + b"\n" + cert)
+        pem.flush()
+        try:
+            ctx.load_cert_chain(pem.name)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise _error(f"{cert_key} and {key_key} do not match") from None
+            raise _error(f"cannot load {cert_key} and {key_key}: {_ssl_problem(exc)}") from None
+
+
+def _pem(tls: TLSServerConfig, name: str, what: str) -> tuple[str, bytes]:
+    """The key it comes from (``name`` or ``name_file``) and the PEM it holds."""
+    path, inline = getattr(tls, f"{name}_file"), getattr(tls, name)
+    if path and inline:
+        raise _error(f"{name} and {name}_file are mutually exclusive")
+    if not (path or inline):
+        raise _error(f"missing one of {name} or {name}_file")
+    data = inline.encode() if inline else b""
+    if path:
+        name = f"{name}_file"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _error(f'cannot read "{path}": {exc.strerror or exc}', name) from None
+    marker = b"-----BEGIN CERTIFICATE-----" if what == "certificate" else b"PRIVATE KEY-----"
+    if marker not in data:
+        raise _error(f"no PEM {what} found", name)
+    return name, data
+
+
+def _error(problem: str, key: str | None = None) -> WebConfigError:
+    return WebConfigError(f"tls_server_config{'.' + key if key else ''}: {problem}")
+
+
+def _ssl_problem(exc: ssl.SSLError) -> str:
+    """OpenSSL's words without the ``(_ssl.c:4020)`` source position."""
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.args[1] if len(exc.args) > 1 else exc))
+    return text or str(exc.reason or "invalid data")
 
 
 class _ServerContext(ssl.SSLContext):
@@ -33,15 +187,14 @@ class _SanCheckingSSLObject(ssl.SSLObject):
     def do_handshake(self) -> None:
         super().do_handshake()
         allowed: frozenset[str] = getattr(self.context, "allowed_sans", frozenset())
-        if allowed and not _peer_has_allowed_san(self.getpeercert(), allowed):
+        if not _peer_has_allowed_san(self.getpeercert(), allowed):
             log.warning("web: TLS client rejected: no allowed SAN in its certificate")
             raise ssl.SSLError("client certificate has no SAN listed in client_allowed_sans")
 
 
 def _peer_has_allowed_san(cert: Any, allowed: frozenset[str]) -> bool:
-    if not isinstance(cert, dict):
-        return False
-    for kind, value in cert.get("subjectAltName", ()):
+    sans = cert.get("subjectAltName", ()) if isinstance(cert, dict) else ()
+    for kind, value in sans:
         text = str(value).strip()
         if kind == "IP Address":
             # Go compares ip.String(): compressed, lower-case IPv6. OpenSSL prints it long-hand.
@@ -50,98 +203,6 @@ def _peer_has_allowed_san(cert: Any, allowed: frozenset[str]) -> bool:
         if kind in ("DNS", "IP Address", "email", "URI") and text in allowed:
             return True
     return False
-
-
-def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
-    """A server SSLContext for ``tls``; raises ``WebConfigError`` if anything fails to load."""
-    ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = tls.min_version
-    ctx.maximum_version = tls.max_version
-    if tls.prefer_server_cipher_suites:
-        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:
-        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    if tls12 := [TLS12_CIPHERS[n] for n in tls.cipher_suites if n in TLS12_CIPHERS]:
-        try:
-            ctx.set_ciphers(":".join(tls12))
-        except ssl.SSLError:
-            problem = "none of the listed suites is available in this OpenSSL"
-            raise WebConfigError(f"{_W}.cipher_suites: {problem}") from None
-    if tls.curve_preferences:
-        ctx.set_ecdh_curve(CURVES[tls.curve_preferences[0]])
-    _load_cert_chain(ctx, tls)
-    # RequestClientCert: Go asks for a certificate but never checks or uses it, so not asking
-    # grants exactly the same access.
-    ctx.verify_mode = ssl.CERT_NONE
-    if tls.client_auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
-        _load_client_ca(ctx, tls)
-        required = tls.client_auth_type == "RequireAndVerifyClientCert"
-        ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
-    if tls.client_allowed_sans:
-        ctx.allowed_sans = frozenset(tls.client_allowed_sans)
-        ctx.sslobject_class = _SanCheckingSSLObject
-    return ctx
-
-
-def _read(path: Path | None, inline: str | None, where: str) -> bytes:
-    if path is None:
-        return (inline or "").encode()
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise WebConfigError(f'{where}: cannot read "{path}": {exc.strerror or exc}') from None
-
-
-def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
-    cert_key = "cert_file" if tls.cert_file else "cert"
-    key_key = "key_file" if tls.key_file else "key"
-    cert = _read(tls.cert_file, tls.cert, f"{_W}.{cert_key}")
-    key = _read(tls.key_file, tls.key, f"{_W}.{key_key}")
-    if b"-----BEGIN CERTIFICATE-----" not in cert:
-        raise WebConfigError(f"{_W}.{cert_key}: no PEM certificate found")
-    if b"PRIVATE KEY-----" not in key:
-        raise WebConfigError(f"{_W}.{key_key}: no PEM private key found")
-    # load_cert_chain reads files only: inline PEM, and what was just read from the files (so
-    # that a rotation meanwhile cannot pair a new certificate with an old key), go through
-    # private temporary files.
-    with _private_file(cert) as cert_path, _private_file(key) as key_path:
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
-            if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-                raise WebConfigError(f"{_W}: {cert_key} and {key_key} do not match") from None
-            problem = f"cannot load {cert_key} and {key_key}: {_ssl_problem(exc)}"
-            raise WebConfigError(f"{_W}: {problem}") from None
-
-
-@contextlib.contextmanager
-def _private_file(data: bytes) -> Iterator[str]:
-    fd, name = tempfile.mkstemp(prefix="pce-tls-", suffix=".pem")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        yield name
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-
-
-def _load_client_ca(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
-    where = f"{_W}.client_ca_file" if tls.client_ca_file else f"{_W}.client_ca"
-    data = _read(tls.client_ca_file, tls.client_ca, where).decode("ascii", errors="replace")
-    if "-----BEGIN CERTIFICATE-----" not in data:
-        raise WebConfigError(f"{where}: no PEM certificate found")
-    try:
-        ctx.load_verify_locations(cadata=data)
-    except ssl.SSLError as exc:
-        problem = f"cannot load the CA certificates: {_ssl_problem(exc)}"
-        raise WebConfigError(f"{where}: {problem}") from None
-
-
-def _ssl_problem(exc: ssl.SSLError) -> str:
-    """OpenSSL's words without the ``(_ssl.c:4020)`` source position."""
-    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.args[1] if len(exc.args) > 1 else exc))
-    return text or str(getattr(exc, "reason", None) or "invalid data")
 
 
 class RotatingSSLContext(ssl.SSLContext):
@@ -153,16 +214,9 @@ class RotatingSSLContext(ssl.SSLContext):
 
     current: Callable[[], ssl.SSLContext]
 
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
         try:
             ctx = self.current()
         except WebConfigError:  # fail closed: with no certificate every handshake fails
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        return ctx.wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        return ctx.wrap_bio(*args, **kwargs)
