@@ -11,8 +11,13 @@ the committed files with only the container host names replaced by loopback addr
 the demo shows the rules and routes that ship. Missing binaries are skipped with a line
 saying how to get them.
 
+The exporter's pass-through proxy (the ``[[proxies]]`` listener of examples/demo.toml) gets a
+small, bounded stream of sample traffic from two made-up applications (scripts/demo_traffic.py),
+so the dashboards' traffic rows and the "prompts changed" alert have data.
+
 Every port is checked before anything starts. Ports can be moved with environment
-variables (``PCE_DEMO_SIM_PORT``, ``PCE_DEMO_EXPORTER_PORT``, ``PCE_DEMO_PROMETHEUS_PORT``,
+variables (``PCE_DEMO_SIM_PORT``, ``PCE_DEMO_EXPORTER_PORT``, ``PCE_DEMO_PROXY_PORT``,
+``PCE_DEMO_PROMETHEUS_PORT``,
 ``PCE_DEMO_ALERTMANAGER_PORT``, ``PCE_DEMO_WEBHOOK_PORT``, ``PCE_DEMO_GRAFANA_PORT``); the
 working files go to ``PCE_DEMO_DIR`` (default ``data/demo-stack``).
 """
@@ -39,6 +44,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import demo_traffic  # scripts/, beside this file
+
 from exporter.simulator.models import DEFAULT_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +53,7 @@ BIN = ROOT / ".venv" / "bin"
 DEMO_CONFIG = ROOT / "examples" / "demo.toml"
 # The addresses examples/demo.toml uses; a moved port gets a derived copy of the file.
 DEMO_SIM_ADDRESS, DEMO_EXPORTER_ADDRESS = "127.0.0.1:8089", "127.0.0.1:9819"
+DEMO_PROXY_ADDRESS = "127.0.0.1:9820"
 HOST = "127.0.0.1"
 START_SECONDS = 60.0  # each component must answer its health check within this
 STOP_SECONDS = 20.0  # each component gets this long to stop before it is killed
@@ -81,6 +89,7 @@ def fail(text: str, status: int = 1) -> None:
 class Ports:
     sim: int
     exporter: int
+    proxy: int
     prometheus: int
     alertmanager: int
     webhook: int
@@ -97,6 +106,7 @@ class Ports:
         return cls(
             sim=port("SIM", 8089),
             exporter=port("EXPORTER", 9819),
+            proxy=port("PROXY", 9820),
             prometheus=port("PROMETHEUS", 9090),
             alertmanager=port("ALERTMANAGER", 9093),
             webhook=port("WEBHOOK", 9097),
@@ -174,6 +184,7 @@ class Stack:
         self.stopping = stopping
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.webhook: ThreadingHTTPServer | None = None
+        self.threads: list[threading.Thread] = []
 
     def start(
         self,
@@ -215,6 +226,10 @@ class Stack:
         return None
 
     def stop(self) -> None:
+        # The sample traffic first: it talks to the exporter.
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(demo_traffic.TIMEOUT_SECONDS + STOP_SECONDS)
         # Newest first, one at a time: the exporter finishes its runs while the simulator
         # still answers, so the last evidence it records is not a shutdown artefact.
         for name, proc in reversed(self.procs):
@@ -313,12 +328,17 @@ def write_grafana_provisioning(stack: Stack, ports: Ports) -> Path:
 
 
 def exporter_config(stack: Stack, ports: Ports) -> Path:
-    """examples/demo.toml, or a copy pointing at moved simulator/exporter ports."""
-    sim, exporter = f"{HOST}:{ports.sim}", f"{HOST}:{ports.exporter}"
-    if (sim, exporter) == (DEMO_SIM_ADDRESS, DEMO_EXPORTER_ADDRESS):
+    """examples/demo.toml, or a copy pointing at moved simulator/exporter/proxy ports."""
+    moved = {
+        DEMO_SIM_ADDRESS: f"{HOST}:{ports.sim}",
+        DEMO_EXPORTER_ADDRESS: f"{HOST}:{ports.exporter}",
+        DEMO_PROXY_ADDRESS: f"{HOST}:{ports.proxy}",
+    }
+    if all(old == new for old, new in moved.items()):
         return DEMO_CONFIG
     text = DEMO_CONFIG.read_text(encoding="utf-8")
-    text = text.replace(DEMO_SIM_ADDRESS, sim).replace(DEMO_EXPORTER_ADDRESS, exporter)
+    for old, new in moved.items():
+        text = text.replace(old, new)
     path = stack.directory / "demo.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -342,7 +362,7 @@ def rules_loaded(prometheus: str) -> tuple[int, int]:
 
 def run(stack: Stack, ports: Ports, binaries: Binaries) -> None:
     cli = str(BIN / "prompt-cache-exporter")
-    wanted = {"sim": ports.sim, "exporter": ports.exporter}
+    wanted = {"sim": ports.sim, "exporter": ports.exporter, "proxy": ports.proxy}
     if binaries.prometheus:
         wanted["prometheus"] = ports.prometheus
     if binaries.alertmanager:
@@ -367,6 +387,16 @@ def run(stack: Stack, ports: Ports, binaries: Binaries) -> None:
         [cli, "run", "--config", str(config)],
         health=exporter_url + "/healthz",
     )
+    proxy_url = f"http://{HOST}:{ports.proxy}"
+    traffic = threading.Thread(
+        target=demo_traffic.run,
+        args=(proxy_url, stack.stopping),
+        kwargs={"report": say},
+        name="sample-traffic",
+        daemon=True,
+    )
+    traffic.start()
+    stack.threads.append(traffic)
 
     alertmanager_url = prometheus_url = grafana_url = None
     if binaries.alertmanager:
@@ -439,6 +469,7 @@ def summary(
     binaries: Binaries,
 ) -> None:
     sim_base = f"http://{HOST}:{ports.sim}/v1"
+    apps = ", ".join(f"{app.name} ({app.model})" for app in demo_traffic.APPS)
     lines = [
         "",
         "== the demo is running; Ctrl-C stops everything it started ==",
@@ -446,6 +477,11 @@ def summary(
         f"   exporter    {exporter}/  (what is probed, and links)",
         f"               {exporter}/metrics",
         f"               {exporter}/api/runs?model=sim-cache-ok&limit=5  (evidence)",
+        f"   proxy       http://{HOST}:{ports.proxy}  (pass-through to the simulator: point an "
+        "OpenAI client's base URL here)",
+        f"               http://{HOST}:{ports.proxy}/models  (forwarded to the simulator)",
+        "               sample traffic through it, a request every "
+        f"{demo_traffic.INTERVAL_SECONDS:.0f}s: {apps}",
     ]
     if prometheus:
         alerting, recording = rules_loaded(prometheus)

@@ -27,7 +27,7 @@ from tests.simulator_process import free_port
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPONENTS = ("SIM", "EXPORTER", "PROMETHEUS", "ALERTMANAGER", "WEBHOOK", "GRAFANA")
+COMPONENTS = ("SIM", "EXPORTER", "PROXY", "PROMETHEUS", "ALERTMANAGER", "WEBHOOK", "GRAFANA")
 
 
 def _demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -138,6 +138,8 @@ def test_demo_with_prometheus_and_alertmanager(tmp_path: Path, demo_runs: list[D
     assert any(u.startswith(prometheus) and "alerts" in u for u in urls), urls
     assert any(u.startswith(prometheus) and "graph" in u for u in urls), urls
     assert any(u.startswith(alertmanager) for u in urls), urls
+    proxy = f"http://127.0.0.1:{env['PCE_DEMO_PROXY_PORT']}"
+    assert any(u.startswith(proxy) for u in urls), urls  # answered through to the simulator
     for url in urls:  # every printed URL answers
         response = httpx.get(url, timeout=10)
         assert response.status_code == 200, (url, response.status_code)
@@ -151,21 +153,30 @@ def test_demo_with_prometheus_and_alertmanager(tmp_path: Path, demo_runs: list[D
         log = Path(env["PCE_DEMO_DIR"]) / "notifications.log"
         return log.exists() and "firing Watchdog" in log.read_text()
 
-    def exporter_up() -> bool:
-        query = {"query": 'up{job="prompt-cache-exporter"}'}
+    def values(expr: str) -> list[float]:
+        query = {"query": expr}
         result = httpx.get(prometheus + "/api/v1/query", params=query).json()["data"]["result"]
-        return [float(r["value"][1]) for r in result] == [1.0]
+        return [float(r["value"][1]) for r in result]
+
+    def exporter_up() -> bool:
+        return values('up{job="prompt-cache-exporter"}') == [1.0]
+
+    def sample_traffic_measured() -> bool:
+        # Both demo applications' requests went through the proxy and were measured.
+        expr = 'llmcache_traffic_requests_total{provider="sim", outcome="success"} > 0'
+        return len(values(expr)) == 2
 
     # Prometheus scrapes the exporter, evaluates the rules and Alertmanager routes the
-    # always-firing Watchdog to the heartbeat receiver: the whole alert path works.
+    # always-firing Watchdog to the heartbeat receiver: the whole alert path works; the
+    # sample traffic reaches the proxy and is measured.
     deadline = time.monotonic() + 90
-    while not (watchdog_delivered() and exporter_up()):
+    while not (watchdog_delivered() and exporter_up() and sample_traffic_measured()):
         assert time.monotonic() < deadline, demo.text()
         time.sleep(1)
 
     assert demo.ctrl_c() == 0
     assert demo.text().rstrip().endswith("demo stopped")
-    for name in ("SIM", "EXPORTER", "PROMETHEUS", "ALERTMANAGER", "WEBHOOK"):
+    for name in ("SIM", "EXPORTER", "PROXY", "PROMETHEUS", "ALERTMANAGER", "WEBHOOK"):
         assert not _listening(int(env[f"PCE_DEMO_{name}_PORT"])), name
 
 
@@ -184,3 +195,4 @@ def test_demo_without_the_binaries_says_how_to_get_them(
         assert httpx.get(url, timeout=10).status_code == 200, url
     assert demo.ctrl_c() == 0
     assert not _listening(int(env["PCE_DEMO_EXPORTER_PORT"]))
+    assert not _listening(int(env["PCE_DEMO_PROXY_PORT"]))

@@ -571,6 +571,8 @@ def test_compose_wiring_matches_the_configs(compose_config: dict[str, Any]) -> N
         for v in services["exporter"]["volumes"]
     )
     assert any(p.startswith("127.0.0.1:9819:9819") for p in services["exporter"]["ports"])
+    # The proxy of examples/compose.toml, on the host's loopback only.
+    assert any(p.startswith("127.0.0.1:9820:9820") for p in services["exporter"]["ports"])
 
     prometheus = _binds(services["prometheus"])
     assert Path(prometheus["/etc/prometheus/prometheus.yml"]) == pl.PROMETHEUS_CONFIG
@@ -612,6 +614,12 @@ def test_compose_exporter_config() -> None:
     assert provider["type"] == "venice"
     assert provider["include"] == ["sim-*"]
     assert set(config["probes"]) == {"basic", "prompt_sizes", "partial", "persistence", "ttl"}
+    # Its proxy forwards to the same simulator under the same provider label, and listens
+    # where docker-compose.yml publishes it.
+    (proxy,) = config["proxies"]
+    assert (proxy["upstream"], proxy["provider"]) == (provider["base_url"], provider["name"])
+    assert proxy["type"] == provider["type"]
+    assert proxy["listen"] == "0.0.0.0:9820"
 
 
 def test_compose_exporter_config_is_accepted_by_the_exporter() -> None:
@@ -928,6 +936,35 @@ def test_dashboard_layout(dashboard: dict[str, Any]) -> None:
             for x in range(g["x"], g["x"] + g["w"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = panel["title"]
+
+
+TRAFFIC_RATIO = "provider_model:llmcache_traffic_cached_tokens_per_prompt_tokens:ratio_rate1h"
+TRAFFIC_CHURN = "provider_model:llmcache_traffic_prefix_changes_per_prefix_requests:ratio_rate1h"
+
+
+@pytest.mark.parametrize("name", ["overview.json", "model-detail.json"])
+def test_real_traffic_row_puts_the_traffic_beside_the_probe_verdict(name: str) -> None:
+    """Provider or prompt? (docs/proxy.md): one row of traffic panels, one of which shows
+    the real hit ratio and the basic probe's verdict together; the 1 h ratios come from the
+    recording rules of traffic.yml, and every panel below the row reads traffic."""
+    dashboard = pl.dashboards()[name]
+    (row,) = [p for p in dashboard["panels"] if p["type"] == "row" and "Real traffic" in p["title"]]
+    below = {p["id"] for p in dashboard["panels"] if p["gridPos"]["y"] > row["gridPos"]["y"]}
+    assert below, f"{name}: the traffic row has no panels"
+    names: dict[int, set[str]] = {}
+    for query in pl.dashboard_queries():
+        if query.dashboard_uid == dashboard["uid"] and query.panel_id in below:
+            names.setdefault(query.panel_id, set()).update(pl.metric_names_in(query.expr))
+    traffic = {r.get("record") for g in pl.rule_groups(pl.TRAFFIC_RULES) for r in g["rules"]}
+    for panel_id, used in names.items():
+        assert any(n.startswith("llmcache_traffic_") or n in traffic for n in used), panel_id
+    assert any(
+        TRAFFIC_RATIO in used and "llmcache_caching_works" in used for used in names.values()
+    ), f"{name}: no panel shows the real hit ratio beside the probe verdict"
+    everything = set().union(*names.values())
+    churn = {TRAFFIC_CHURN, "provider_model_part:llmcache_traffic_prefix_changes:rate1h"}
+    assert churn & everything, f"{name}: no prefix churn"
+    assert "llmcache_traffic_savings_usd_total" in everything, f"{name}: no real savings"
 
 
 def test_dashboard_datasource_uids_are_provisioned() -> None:
