@@ -15,7 +15,7 @@ test: bootstrap-system
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
-	$(VENV)/pytest --cov --cov-report=term --cov-fail-under=80
+	$(VENV)/pytest -n 3 --dist loadfile --cov --cov-report=term --cov-fail-under=80
 
 lint: bootstrap
 	$(VENV)/ruff check .
@@ -25,7 +25,7 @@ typecheck: bootstrap
 	$(VENV)/mypy
 
 pytest: bootstrap
-	$(VENV)/pytest
+	$(VENV)/pytest -n 3 --dist loadfile
 
 ## make demo: the exporter probing the bundled SIMULATOR (not a real LLM provider), with
 ## Prometheus, Alertmanager and Grafana where their binaries are installed (scripts/demo.py).
