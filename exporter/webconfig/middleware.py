@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Final
 
@@ -19,13 +19,11 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.webconfig.models import BCRYPT_HASH, RateLimit, WebConfigError
+from exporter.webconfig.models import RateLimit, WebConfigError
 from exporter.webconfig.source import WebConfigSource
 
 log = logging.getLogger("exporter.webconfig")
 
-# The toolkit's own dummy, bcrypt("fakepassword") at cost 10 (see BasicAuthenticator).
-_DUMMY_HASH_COST_10: Final = b"$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 _FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
 _SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect
 _SUSPECT_QUEUE: Final = 4  # suspect checks waiting at most; beyond, refused without bcrypt
@@ -93,10 +91,11 @@ class BasicAuthenticator:
     """Checks ``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth").
 
     Successes are cached, so bcrypt's cost is paid once per credential. Failures are not; an
-    unknown user is checked against a dummy hash of the highest configured cost, and every
-    failure takes as long as the slowest check so far, so timing reveals nothing. bcrypt runs
-    in a worker thread one check at a time, as in the toolkit; clients that keep failing wait
-    on a limiter and a short queue of their own, so a flood waits behind itself.
+    unknown user's password is checked against the costliest configured hash (and refused
+    whatever the result), and every failure takes as long as the slowest check so far, so
+    timing reveals nothing. bcrypt runs in a worker thread one check at a time, as in the
+    toolkit; a client with recent failures or checks in flight waits on a limiter and a short
+    queue of its own, so a flood waits behind itself.
     """
 
     def __init__(self, *, cache_size: int = 256) -> None:
@@ -104,10 +103,10 @@ class BasicAuthenticator:
         self._cache_size = cache_size
         self._limiter, self._suspect_limiter = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
         self._suspects_waiting = 0
-        self._inflight: Counter[str] = Counter()
-        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # at, count
+        # client -> (last check started, checks started minus successes in the window): a
+        # check counts as a failure until it succeeds, so checks in flight count too.
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._slowest = 0.0
-        self._dummy: dict[int, bytes] = {10: _DUMMY_HASH_COST_10}
         self.verifications = 0  # bcrypt computations so far
         self.refused_unverified = 0  # failures answered without bcrypt (suspect queue full)
 
@@ -124,56 +123,50 @@ class BasicAuthenticator:
     ) -> bool:
         if self.cached(users, authorization):
             return True
-        if (credentials := parse_basic_auth(authorization)) is None:
+        if (credentials := parse_basic_auth(authorization)) is None or not users:
             return False  # names no user: nothing to verify
         started, name = time.monotonic(), client or "?"
         key = _cache_key(users, credentials)
-        target = key[1].encode("ascii") if key else await self._dummy_hash(users)
-        suspect = self._recent_failures(name, started) + self._inflight[name] >= _SUSPECT_AFTER
+        # An unknown user costs what the costliest known one does ("$2b$10$…": cost at 4:6).
+        target = (key[1] if key else max(users.values(), key=lambda h: h[4:6])).encode("ascii")
+        suspect = self._count_failure(name, started) > _SUSPECT_AFTER
         if suspect and self._suspects_waiting >= _SUSPECT_QUEUE:
             self.refused_unverified += 1
             return await self._failed(name, started)
         self._suspects_waiting += suspect
-        self._inflight[name] += 1
         try:
             limiter = self._suspect_limiter if suspect else self._limiter
             ok = await anyio.to_thread.run_sync(_checkpw, credentials[1], target, limiter=limiter)
         finally:
             self._suspects_waiting -= suspect
-            self._inflight[name] -= 1
-            self._inflight += Counter()  # drops clients with no check in flight
         self.verifications += 1
         if not ok or key is None:
             return await self._failed(name, started)
+        at, count = self._failures.pop(name, (started, 1))
+        if count > 1:  # other checks of this client still count
+            self._failures[name] = (at, count - 1)
         self._cache[key] = None
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return True
 
-    def _recent_failures(self, client: str, now: float) -> int:
-        at, count = self._failures.get(client, (0.0, 0))
-        return count if now - at < _FAILURE_WINDOW else 0
-
-    async def _failed(self, client: str, started: float) -> bool:
-        count = self._recent_failures(client, started) + 1
-        self._failures[client] = (started, count)
-        self._failures.move_to_end(client)
+    def _count_failure(self, client: str, now: float) -> int:
+        """Count a check starting as a failure; return the client's count in the window."""
+        at, count = self._failures.pop(client, (now, 0))
+        count = count + 1 if now - at < _FAILURE_WINDOW else 1
+        self._failures[client] = (now, count)
         if len(self._failures) > _MAX_CLIENTS:
             self._failures.popitem(last=False)
+        return count
+
+    async def _failed(self, client: str, started: float) -> bool:
+        count = self._failures.get(client, (started, 1))[1]
         # At most one line per client and minute reaches the log (exporter.asgi's filter).
         log.warning("web: basic auth failed for a client (%d failures in the last minute)", count)
         elapsed = time.monotonic() - started
         self._slowest = max(self._slowest, elapsed)
         await anyio.sleep(self._slowest - elapsed)
         return False
-
-    async def _dummy_hash(self, users: Mapping[str, str]) -> bytes:
-        costs = [int(m.group(1)) for h in users.values() if (m := BCRYPT_HASH.fullmatch(h))]
-        if (cost := max(costs, default=10)) not in self._dummy:
-            self._dummy[cost] = await anyio.to_thread.run_sync(
-                bcrypt.hashpw, b"not a password", bcrypt.gensalt(cost), limiter=self._limiter
-            )
-        return self._dummy[cost]
 
 
 def _cache_key(
