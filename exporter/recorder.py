@@ -29,7 +29,7 @@ from exporter.reliability import reliability_score
 from exporter.report import ResponseFacts, RunReport
 from exporter.results import ErrorType, ProbeResult, Verdict
 from exporter.state import State
-from exporter.store import ProbeStore
+from exporter.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Recorder:
     def __init__(
         self,
         state: State,
-        store: ProbeStore | None,
+        store: Store | None,
         budget: Budget | None,
         clock: Clock,
         config: Config,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlencode
 
 import anyio
@@ -54,7 +54,6 @@ from exporter.asgi import (
 from exporter.exposition import Exposition
 from exporter.negotiation import MetricsResponder
 from exporter.results import ProbeResult
-from exporter.store import ProbeStore
 from exporter.webconfig import (
     BasicAuthenticator,
     WebConfig,
@@ -91,9 +90,18 @@ _RENDER_THREADS: Final = 1
 _CACHED_BYTES: Final = 8 << 20  # /api/runs answers kept (1 000 runs are a few MB)
 
 
-# Where /api/runs reads history from: the history store's narrow interface, the same seam the
-# recorder writes through (``exporter.store.Store`` implements it).
-RunsSource = ProbeStore
+class RunsSource(Protocol):
+    """Where /api/runs reads history from: ``exporter.store.Store``, or a test's fake."""
+
+    async def recent_runs(
+        self,
+        *,
+        provider: str | None,
+        model: str | None,
+        probe: str | None,
+        limit: int,
+        trace_id: str | None = None,
+    ) -> list[ProbeResult]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +142,7 @@ class _RunsQuery:
 def create_app(
     *,
     registry: CollectorRegistry,
-    runs: ProbeStore,
+    runs: RunsSource,
     readiness: Callable[[], Readiness],
     reload: Callable[[], Awaitable[tuple[bool, str]]] | None,
     web_config: WebConfigSource | WebConfig | None,

@@ -1,12 +1,9 @@
-"""SQLite history and budget ledger (docs/storage.md).
-
-``Store`` is the component, ``ProbeStore`` the narrow Protocol the recorder and the HTTP API
-depend on. Layers: ``migrations`` (the schema), ``engine`` (the connection, transactions,
-faults and the retry queue), ``ledger`` (budget reservations), ``history`` (``Store``).
-"""
+"""SQLite history and budget ledger (docs/storage.md). Layers: ``migrations`` (the schema),
+``engine`` (the connection, transactions, faults, the retry queue), ``ledger`` (budget
+reservations), ``history`` (``Store``, which the recorder, the budget and the HTTP API use)."""
 
 from exporter.store.engine import connect_sqlite
-from exporter.store.history import MAX_RECENT_RUNS, ModelState, ProbeStore, Store
+from exporter.store.history import MAX_RECENT_RUNS, ModelState, Store
 from exporter.store.ledger import LedgerLimits, LedgerTotals, LedgerWindows, WindowTotals
 from exporter.store.migrations import SchemaTooNewError, StoreError
 
@@ -16,7 +13,6 @@ __all__ = [
     "LedgerTotals",
     "LedgerWindows",
     "ModelState",
-    "ProbeStore",
     "SchemaTooNewError",
     "Store",
     "StoreError",

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio.to_thread
 
@@ -71,41 +71,6 @@ class ModelState:
     consecutive_successes: int = 0
     cooldown_until: float | None = None  # wall clock; None = not in cooldown
     updated_at: float = 0.0
-
-
-class ProbeStore(Protocol):
-    """What the recorder and the HTTP API need from the history store."""
-
-    async def record_run(
-        self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
-    ) -> None: ...
-    async def recent_runs(
-        self,
-        *,
-        provider: str | None = None,
-        model: str | None = None,
-        probe: str | None = None,
-        limit: int = 50,
-        since: float | None = None,
-        trace_id: str | None = None,
-    ) -> list[ProbeResult]: ...
-    async def latest_results(self) -> list[ProbeResult]: ...
-    async def reliability_stats(
-        self, *, since: float, provider: str | None = None, model: str | None = None
-    ) -> dict[tuple[str, str], ReliabilityStats]: ...
-    async def save_balance(self, provider: str, currency: str, amount: float) -> None: ...
-    async def latest_balances(self) -> dict[tuple[str, str], tuple[float, float]]: ...
-    async def save_model_state(
-        self,
-        provider: str,
-        model: str,
-        *,
-        consecutive_failures: int,
-        consecutive_successes: int,
-        cooldown_until: float | None,
-    ) -> None: ...
-    async def load_model_states(self) -> dict[tuple[str, str], ModelState]: ...
-    async def cleanup(self, *, older_than: float) -> int: ...
 
 
 class Store(Ledger):
