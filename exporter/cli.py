@@ -1,16 +1,33 @@
-"""The ``prompt-cache-exporter`` command: subcommands dispatch to their own modules."""
+"""The ``prompt-cache-exporter`` command: subcommands dispatch to their own modules.
+
+Only the chosen subcommand's module is imported. The daemon is a long-running process whose
+resident memory is mostly the code it has imported, and the other commands bring their own
+(``probe`` and ``history`` the reports, ``loadtest`` its driver, ``simulate`` the simulator):
+the command line is parsed once with every subcommand listed by name and help only, to learn
+which one was chosen, then again with that one's arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import anyio
 
 from exporter import __version__
 from exporter.exits import EXIT_USAGE, run_command
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    # A function, not a string: two of them quote cli_args.KEY_HELP, an import of its own.
+    description: Callable[[], str] | None = None
 
 
 def _configure_logging(level: str) -> None:
@@ -24,11 +41,141 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from exporter import probe_cli
+def _key_help() -> str:
     from exporter.cli_args import KEY_HELP
+
+    return KEY_HELP
+
+
+def _probe_arguments(parser: argparse.ArgumentParser) -> None:
+    from exporter import probe_cli
+
+    probe_cli.add_arguments(parser)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from exporter import probe_cli
+
+    return anyio.run(probe_cli.run, args)
+
+
+def _probe_description() -> str:
+    return (
+        "The cache microscope: run probes once against one model, print every request's "
+        "tokens, cached tokens and timings, and curl commands that replay them. "
+        f"{_key_help()} Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no "
+        "verdict, 130 interrupted, 141 output closed."
+    )
+
+
+def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
     from exporter.simulator import cli as simulator_cli
 
+    simulator_cli.add_arguments(parser)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from exporter.simulator import cli as simulator_cli
+
+    return simulator_cli.main(args)
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="configuration file (default: $PCE_CONFIG_FILE)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from exporter import daemon
+
+    return daemon.main(args.config)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    return check_config(args.config)
+
+
+def _history_arguments(parser: argparse.ArgumentParser) -> None:
+    from exporter import history_cli
+
+    history_cli.add_arguments(parser)
+
+
+def _history(args: argparse.Namespace) -> int:
+    from exporter import history_cli
+
+    return anyio.run(history_cli.run, args)
+
+
+def _loadtest_arguments(parser: argparse.ArgumentParser) -> None:
+    from exporter.loadtest import cli as loadtest_cli
+
+    loadtest_cli.add_arguments(parser)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from exporter.loadtest import cli as loadtest_cli
+
+    return anyio.run(loadtest_cli.run, args)
+
+
+def _loadtest_description() -> str:
+    return (
+        "Send -n requests at concurrency -c, each with the run's shared prefix and its own "
+        "suffix, and report latency and time to first token cold vs warm, the hit ratio under "
+        "load, statuses, errors and 429s. The estimated cost is printed first, and a run over "
+        f"--max-total-tokens is refused before anything is sent. {_key_help()} Exit status: 0 "
+        "caching held, 1 it did not, 2 usage error or refused by the cap, 3 no verdict, 130 "
+        "interrupted, 141 output closed."
+    )
+
+
+COMMANDS: dict[str, _Command] = {
+    "probe": _Command(
+        help="run probes once against one model and print the evidence",
+        add_arguments=_probe_arguments,
+        run=_probe,
+        description=_probe_description,
+    ),
+    "simulate": _Command(
+        help="run the local caching upstream (a SIMULATOR, not a real provider)",
+        add_arguments=_simulate_arguments,
+        run=_simulate,
+        description=lambda: (
+            "Start the bundled simulator: an OpenAI- and Anthropic-compatible HTTP server "
+            "that emulates prompt caching, for demos and tests. It is not a real LLM."
+        ),
+    ),
+    "run": _Command(
+        help="run the exporter: probe on schedule and serve /metrics",
+        add_arguments=_config_argument,
+        run=_run,
+        description=lambda: (
+            "Run the exporter daemon. SIGHUP or POST /-/reload reloads the configuration; "
+            "SIGTERM/SIGINT stop it gracefully."
+        ),
+    ),
+    "check-config": _Command(
+        help="validate a configuration file and exit (0 valid, 2 invalid)",
+        add_arguments=_config_argument,
+        run=_check_config,
+    ),
+    "history": _Command(
+        help="export recorded probe runs as CSV, JSON, text or an HTML report",
+        add_arguments=_history_arguments,
+        run=_history,
+    ),
+    "loadtest": _Command(
+        help="bounded load against one model: does caching hold under load?",
+        add_arguments=_loadtest_arguments,
+        run=_loadtest,
+        description=_loadtest_description,
+    ),
+}
+
+
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; only the subcommands in ``commands`` (default: all) get their
+    arguments, and so import their modules. The others are listed by name and help."""
     parser = argparse.ArgumentParser(
         prog="prompt-cache-exporter",
         description="Probe LLM APIs for working prompt caching and export the results "
@@ -42,59 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level for this command (default: warning; `run` uses the config's level)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    probe = sub.add_parser(
-        "probe",
-        help="run probes once against one model and print the evidence",
-        description="The cache microscope: run probes once against one model, print every "
-        "request's tokens, cached tokens and timings, and curl commands that replay them. "
-        f"{KEY_HELP} Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no "
-        "verdict, 130 interrupted, 141 output closed.",
-    )
-    probe_cli.add_arguments(probe)
-
-    simulate = sub.add_parser(
-        "simulate",
-        help="run the local caching upstream (a SIMULATOR, not a real provider)",
-        description="Start the bundled simulator: an OpenAI- and Anthropic-compatible HTTP "
-        "server that emulates prompt caching, for demos and tests. It is not a real LLM.",
-    )
-    simulator_cli.add_arguments(simulate)
-
-    run = sub.add_parser(
-        "run",
-        help="run the exporter: probe on schedule and serve /metrics",
-        description="Run the exporter daemon. SIGHUP or POST /-/reload reloads the "
-        "configuration; SIGTERM/SIGINT stop it gracefully.",
-    )
-    run.add_argument("--config", help="configuration file (default: $PCE_CONFIG_FILE)")
-
-    check = sub.add_parser(
-        "check-config",
-        help="validate a configuration file and exit (0 valid, 2 invalid)",
-    )
-    check.add_argument("--config", help="configuration file (default: $PCE_CONFIG_FILE)")
-
-    from exporter import history_cli
-
-    history = sub.add_parser(
-        "history", help="export recorded probe runs as CSV, JSON, text or an HTML report"
-    )
-    history_cli.add_arguments(history)
-
-    from exporter.loadtest import cli as loadtest_cli
-
-    loadtest = sub.add_parser(
-        "loadtest",
-        help="bounded load against one model: does caching hold under load?",
-        description="Send -n requests at concurrency -c, each with the run's shared prefix and "
-        "its own suffix, and report latency and time to first token cold vs warm, the hit "
-        "ratio under load, statuses, errors and 429s. The estimated cost is printed first, "
-        f"and a run over --max-total-tokens is refused before anything is sent. {KEY_HELP} "
-        "Exit status: 0 caching held, 1 it did not, 2 usage error or refused by the cap, 3 no "
-        "verdict, 130 interrupted, 141 output closed.",
-    )
-    loadtest_cli.add_arguments(loadtest)
+    for name, command in COMMANDS.items():
+        if commands is not None and name not in commands:
+            # No -h of its own: `COMMAND --help` is answered by the parser that has its arguments.
+            sub.add_parser(name, help=command.help, add_help=False)
+            continue
+        description = command.description() if command.description is not None else None
+        command.add_arguments(sub.add_parser(name, help=command.help, description=description))
     return parser
 
 
@@ -123,30 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: _dispatch(argv))
 
 
-def _dispatch(argv: Sequence[str] | None) -> int:  # noqa: RET503 - parser.error exits
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _dispatch(argv: Sequence[str] | None) -> int:
+    # Top-level errors, --help and --version are answered here, before any subcommand loads.
+    chosen, _ = build_parser(()).parse_known_args(argv)
+    args = build_parser((chosen.command,)).parse_args(argv)
     _configure_logging(args.log_level)
-    if args.command == "probe":
-        from exporter import probe_cli
-
-        return anyio.run(probe_cli.run, args)
-    if args.command == "simulate":
-        from exporter.simulator import cli as simulator_cli
-
-        return simulator_cli.main(args)
-    if args.command == "run":
-        from exporter import daemon
-
-        return daemon.main(args.config)
-    if args.command == "check-config":
-        return check_config(args.config)
-    if args.command == "history":
-        from exporter import history_cli
-
-        return anyio.run(history_cli.run, args)
-    if args.command == "loadtest":
-        from exporter.loadtest import cli as loadtest_cli
-
-        return anyio.run(loadtest_cli.run, args)
-    parser.error(f"unknown command {args.command!r}")  # exits with status 2
+    return COMMANDS[args.command].run(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args, get_origin
 
@@ -19,6 +18,8 @@ def closest_key(root: type[BaseModel], loc: Sequence[Any]) -> str | None:
     keys = _keys_at(root, loc[:-1])
     if not keys:
         return None
+    import difflib  # only a bad file gets here: the daemon need not hold difflib (0.2 MB)
+
     matches = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=_CUTOFF)
     return matches[0] if matches else None
 
