@@ -42,10 +42,10 @@ from exporter.scheduler import Scheduler
 from exporter.server import DependencyStatus, Readiness, create_app, serve
 from exporter.state import State
 from exporter.store import Store, StoreError
-from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
 
 if TYPE_CHECKING:
     from exporter.proxy import ProxyListenError
+    from exporter.webconfig import WebConfigSource
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = EXIT_USAGE
@@ -118,13 +118,12 @@ class Daemon:
             config = await anyio.to_thread.run_sync(self._load)
             if self.web is not None:
                 # Credentials and certificates are re-read too (they also reload on change).
-                await anyio.to_thread.run_sync(self.web.reload)
-        except (ConfigError, WebConfigError) as exc:
+                await anyio.to_thread.run_sync(reload_web_config, self.web)
+        except ConfigError as exc:
             log.error("configuration reload failed, keeping the previous one: %s", exc)
             if self.recorder is not None:
                 self.recorder.reload_result(False)
-            public = exc.public if isinstance(exc, ConfigError) else ConfigError(str(exc)).public
-            return False, public
+            return False, exc.public
         restart = needs_restart(self.config, config) if self.config is not None else []
         self.config = config
         if self.scheduler is not None:
@@ -166,9 +165,9 @@ class Daemon:
             config = self._load()
             web = None
             if config.server.web_config_file is not None:
-                web = WebConfigSource(load_web_config(config.server.web_config_file))
+                web = open_web_config(config.server.web_config_file)
             self.web = web
-        except (ConfigError, WebConfigError) as exc:
+        except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         self.config = config
@@ -287,6 +286,28 @@ def _proxy_listen_error(exc: BaseException) -> ProxyListenError | None:
     from exporter.proxy import ProxyListenError
 
     return ProxyListenError.find(exc)
+
+
+def open_web_config(path: Path) -> WebConfigSource:
+    """``server.web_config_file`` loaded and followed; its errors as ConfigError. The web
+    config machinery (yaml, bcrypt, its pydantic models: 1.5 MB resident) is imported only
+    here and below, so an exporter without a web config never loads it."""
+    from exporter.webconfig import WebConfigError, WebConfigSource, load_web_config
+
+    try:
+        return WebConfigSource(load_web_config(path))
+    except WebConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def reload_web_config(source: WebConfigSource) -> None:
+    """Re-read the web config's files (credentials, certificates); its errors as ConfigError."""
+    from exporter.webconfig import WebConfigError
+
+    try:
+        source.reload()
+    except WebConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def main(config_path: str | None) -> int:

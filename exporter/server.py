@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlencode
 
 import anyio
@@ -54,14 +54,11 @@ from exporter.asgi import (
 from exporter.exposition import Exposition
 from exporter.negotiation import MetricsResponder
 from exporter.results import ProbeResult
-from exporter.webconfig import (
-    BasicAuthenticator,
-    WebConfig,
-    WebConfigMiddleware,
-    WebConfigSource,
-    build_ssl_context,
-    server_ssl_context,
-)
+
+if TYPE_CHECKING:
+    import ssl
+
+    from exporter.webconfig import BasicAuthenticator, WebConfig, WebConfigSource
 
 __all__ = [
     "MAX_RELOAD_BODY",
@@ -158,7 +155,7 @@ def create_app(
 
     ``reload`` None leaves /-/reload unregistered (404). A plain ``WebConfig`` is applied as
     is; a ``WebConfigSource`` follows its file. ``app.state.authenticator`` is the basic-auth
-    checker (tests count its bcrypt verifications).
+    checker (tests count its bcrypt verifications), None without a web config.
     """
     probes = tuple(probe_names)
     responder = MetricsResponder(registry, exposition)
@@ -267,22 +264,54 @@ def create_app(
     if reload is not None:
         routes.append(Route("/-/reload", _reload_endpoint(reload), methods=_ANY_METHOD))
 
-    auth = authenticator or BasicAuthenticator()
     middleware = []
     if web_config is not None:
-        source = (
-            web_config
-            if isinstance(web_config, WebConfigSource)
-            else WebConfigSource(web_config, watch=False)
-        )
-        middleware.append(Middleware(WebConfigMiddleware, source=source, authenticator=auth))
+        layer, authenticator = _web_config_layer(web_config, authenticator)
+        middleware.append(layer)
     # After authentication: an anonymous client learns nothing, not even the body rule.
     middleware.append(Middleware(_BodyGuard))
     app = Starlette(routes=routes, middleware=middleware)
     # "/metrics/" is a 404, not a redirect: one spelling per endpoint, no open redirects.
     app.router.redirect_slashes = False
-    app.state.authenticator = auth
+    app.state.authenticator = authenticator
     return app
+
+
+# The web config machinery (its pydantic models, yaml, bcrypt: 1.5 MB resident) is imported
+# by the two functions below, which run only when a web config is given: most exporters
+# serve plain HTTP without one and never load it.
+
+
+def _web_config_layer(
+    web_config: WebConfigSource | WebConfig, authenticator: BasicAuthenticator | None
+) -> tuple[Middleware, BasicAuthenticator]:
+    """The middleware applying ``web_config`` (headers, basic auth), and its checker."""
+    from exporter.webconfig import BasicAuthenticator, WebConfigMiddleware, WebConfigSource
+
+    auth = authenticator or BasicAuthenticator()
+    source = (
+        web_config
+        if isinstance(web_config, WebConfigSource)
+        else WebConfigSource(web_config, watch=False)
+    )
+    return Middleware(WebConfigMiddleware, source=source, authenticator=auth), auth
+
+
+def _web_config_tls(web_config: WebConfigSource | WebConfig) -> tuple[ssl.SSLContext | None, bool]:
+    """The server's TLS context from ``web_config`` (None: plain HTTP), and whether it
+    has basic-auth users."""
+    from exporter.webconfig import WebConfigSource, build_ssl_context, server_ssl_context
+
+    if isinstance(web_config, WebConfigSource):
+        ssl_context = server_ssl_context(web_config)
+        config = web_config.current()
+    else:
+        config = web_config
+        ssl_context = build_ssl_context(config.tls) if config.tls else None
+    if config.tls is not None and config.http2:
+        # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
+        log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
+    return ssl_context, bool(config.users)
 
 
 @contextlib.asynccontextmanager
@@ -301,15 +330,7 @@ async def serve(
     With TLS in ``web_config``: a ``WebConfigSource`` gives every new connection the
     certificates in force (rotation without restart); a plain ``WebConfig`` is loaded once.
     """
-    if isinstance(web_config, WebConfigSource):
-        ssl_context = server_ssl_context(web_config)
-        config = web_config.current()
-    else:
-        config = web_config or WebConfig()
-        ssl_context = build_ssl_context(config.tls) if config.tls else None
-    if config.tls is not None and config.http2:
-        # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
-        log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
+    ssl_context, users = (None, False) if web_config is None else _web_config_tls(web_config)
     async with serve_asgi(
         app,
         host=host,
@@ -323,7 +344,7 @@ async def serve(
             "listening on %s (TLS %s, basic auth %s)",
             address.url,
             "on" if ssl_context else "off",
-            "on" if config.users else "off",
+            "on" if users else "off",
         )
         yield address
 
