@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -20,7 +21,6 @@ from typing import Any, Literal
 import anyio
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Connections held open at once; beyond it the oldest idle one is closed to make room, so a
 # flood of idle sockets cannot starve scrapes of file descriptors (or of a slot).
@@ -55,7 +55,7 @@ Parser = Literal["h11", "httptools"]
 
 
 def _guarded_protocol(guard: _Guard, parser: Parser = "h11") -> type[asyncio.Protocol]:
-    base = _GuardedHttpTools if parser == "httptools" else _GuardedH11
+    base = _guarded_httptools() if parser == "httptools" else _GuardedH11
 
     class Guarded(base):  # type: ignore[valid-type,misc]
         pass
@@ -123,13 +123,21 @@ class _GuardedH11(_Guarded, H11Protocol):
     pass
 
 
-class _GuardedHttpTools(_Guarded, HttpToolsProtocol):
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        # httptools keeps only the path of an absolute-form target ("GET http://host/x"):
-        # give the app the target itself as raw_path, as h11 does, so it can refuse it.
-        if not self.url.startswith(b"/") and "raw_path" in self.scope:
-            self.scope["raw_path"] = self.url.partition(b"?")[0]
+@functools.cache
+def _guarded_httptools() -> type[_Guarded]:
+    # Imported by the servers that choose httptools (the proxies), so the exporter's own h11
+    # server does not hold it (0.3 MB resident).
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class _GuardedHttpTools(_Guarded, HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            # httptools keeps only the path of an absolute-form target ("GET http://host/x"):
+            # give the app the target itself as raw_path, as h11 does, so it can refuse it.
+            if not self.url.startswith(b"/") and "raw_path" in self.scope:
+                self.scope["raw_path"] = self.url.partition(b"?")[0]
+
+    return _GuardedHttpTools
 
 
 class RepeatFilter(logging.Filter):

@@ -6,6 +6,8 @@ importing ``exporter.a.b`` also runs ``exporter/a/__init__.py`` unless the impor
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "exporter"
@@ -97,3 +99,31 @@ def test_the_graph_sees_the_imports() -> None:
 
 def test_no_import_cycle_in_the_package() -> None:
     assert _cycles(_graph()) == []
+
+
+def test_run_loads_no_code_its_configuration_may_not_need() -> None:
+    # What `run` imports at start-up is resident for the process's life (docs/benchmarks.md,
+    # "Where the floor goes"): the web config machinery, the proxies, the httptools parser,
+    # the other subcommands and httpx's command line load only where they are used.
+    code = (
+        "import sys, exporter.cli, exporter.daemon\n"
+        "print(' '.join(name for name, module in sys.modules.items() if module is not None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "exporter.server" in loaded
+    lazy = {
+        "yaml",
+        "bcrypt",
+        "exporter.webconfig",
+        "exporter.proxy",
+        "aiohttp",
+        "httptools",
+        "exporter.reports",
+        "exporter.probe_cli",
+        "exporter.loadtest",
+        "exporter.simulator",
+        "httpx._main",
+        "difflib",
+    }
+    assert sorted(lazy & loaded) == []
