@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import EnvSettingsSource
-from pydantic_settings.exceptions import SettingsError
-from pydantic_settings.sources.utils import parse_env_vars
 
 from exporter.config.constants import ENV_CONFIG_FILE, ENV_PREFIX
 from exporter.config.errors import ConfigError, format_validation_error
@@ -25,19 +22,6 @@ from exporter.config.root import Config
 # Far above any real configuration (200 models, price tables, comments), far below what would
 # keep the event loop busy parsing: a larger file is refused before it is read.
 MAX_CONFIG_BYTES = 1024 * 1024
-
-
-class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(Config)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(
-            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
-        )
 
 
 def load_config(path: str | Path | None, *, env: Mapping[str, str] | None = None) -> Config:
@@ -95,27 +79,18 @@ def _toml_error(path: Path, message: str) -> str:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        return _MappingEnvSource(environ)()
-    except SettingsError as exc:
-        # The value itself is never shown; only which variable could not be parsed.
-        match = re.search(r'field "([^"]+)"', str(exc))
-        field = match[1] if match else "?"
-        prefix = f"{ENV_PREFIX}{field}".upper()
-        culprit = f"{prefix} or {prefix}__*"
-        for name in sorted(environ):
-            upper = name.upper()
-            if upper != prefix and not upper.startswith(prefix + "__"):
-                continue
-            try:
-                _MappingEnvSource({name: environ[name]})()
-            except SettingsError:
-                culprit = name
-                break
-        raise ConfigError(
-            f"{field}: invalid JSON in environment variable {culprit} "
-            "(list and table values must be JSON)"
-        ) from None
+    # pydantic-settings (1 MB resident for the life of the process) reads the overrides; an
+    # environment without any has nothing for it to read, and most exporters have none.
+    if not any(_is_override(name) for name in environ):
+        return {}
+    from exporter.config.env import env_overrides
+
+    return env_overrides(environ)
+
+
+def _is_override(name: str) -> bool:
+    upper = name.upper()
+    return upper.startswith(ENV_PREFIX) and upper != ENV_CONFIG_FILE
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,12 @@
-"""Config: the whole configuration, one pydantic-settings model over every section."""
+"""Config: the whole configuration, one pydantic model over every section."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from exporter.config.constants import ENV_PREFIX, LOG_LEVELS
+from exporter.config.constants import LOG_LEVELS
 from exporter.config.errors import _invalid, _quote
 from exporter.config.probes import ProbesConfig
 from exporter.config.providers import ProviderConfig
@@ -15,22 +14,15 @@ from exporter.config.proxies import ProxyConfig, check_proxies
 from exporter.config.sections import HttpConfig, SchedulerConfig, ServerConfig, StorageConfig
 
 
-class Config(BaseSettings):
+class Config(BaseModel):
     """The whole configuration. Build it with ``load_config``.
 
-    It is a pydantic-settings model (prefix ``PCE_``, delimiter ``__``), but constructing it
-    directly reads nothing from the process environment: ``load_config`` merges the file and
-    an explicit environment mapping, so tests never pick up the caller's variables.
+    Constructing it directly reads nothing from the process environment: ``load_config``
+    merges the file and the ``PCE_*`` variables of an explicit environment mapping
+    (``exporter.config.env``), so tests never pick up the caller's variables.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        case_sensitive=False,
-        frozen=True,
-        extra="forbid",
-        validate_default=True,
-    )
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -40,17 +32,6 @@ class Config(BaseSettings):
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     providers: tuple[ProviderConfig, ...] = ()
     proxies: tuple[ProxyConfig, ...] = ()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
     @field_validator("log_level", mode="before")
     @classmethod
