@@ -63,11 +63,8 @@ class Engine:
         self._max_pending, self.dropped_writes = max(1, max_pending), 0
         self._lock, self._pending = anyio.Lock(), deque[_Write]()
         self._conn: Connection | None = None
-        # (st_dev, st_ino) of the file opened: SQLite keeps writing to an unlinked inode
-        # without an error, so every use compares it with what the path holds now.
+        # The file opened (st_dev, st_ino) and reopen-before-write: docs/storage.md, "Reconnection".
         self._identity: tuple[int, int] | None = None
-        # After a fault, reopen before the next write even if a read reopened meanwhile (a
-        # read works on a read-only file).
         self._reopen_for_write = self._closed = False
         self._healthy = True
 
@@ -114,7 +111,6 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        """The last write (or drain) succeeded and the store is open."""
         return self._healthy and not self._closed
 
     @property
@@ -143,10 +139,10 @@ class Engine:
             self.report(self._pending[0].op, error)
         return len(self._pending)
 
-    async def read(self, op: str, query: Body[T], default: T) -> T:
-        """Run ``query``; on a fault report ``op`` and return ``default``."""
+    async def read(self, op: str, query: Body[T], default: T, *, transaction: bool = False) -> T:
+        """Run ``query`` (as ``run``); on a fault report ``op`` and return ``default``."""
         try:
-            result = await self.run(query)
+            result = await self.run(query, transaction=transaction)
         except FAULTS as exc:
             self.report(op, exc)
             return default
@@ -238,17 +234,13 @@ class Engine:
         conn = await self._connector(self.path, self._busy_timeout)
         try:
             if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
-                # Lets cleanup return pages without VACUUM. Only possible before the first
-                # table exists, and a write (which fails on a read-only file).
+                # Only before the first table exists (and a write: fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
             elif first or replaced:
                 await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
                 log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
-            # FULL: every commit is fsynced, so a committed reservation survives power loss.
-            # busy_timeout again, so that a custom connector cannot leave it at 0. A 512 KiB
-            # page cache instead of 2 MiB: the queries read a few recent pages and the OS
-            # caches the file; measured 1.6 MB less resident at 500 models.
+            # docs/storage.md, "Durability and locking" (busy_timeout again: any connector).
             busy_ms = max(0, int(self._busy_timeout * 1000))
             await conn.executescript(
                 "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
@@ -319,11 +311,10 @@ def _contention(exc: BaseException) -> bool:
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
-    try:
+    with contextlib.suppress(OSError):
         st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
+        return (st.st_dev, st.st_ino)
+    return None
 
 
 def describe(exc: BaseException) -> str:

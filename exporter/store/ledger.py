@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from exporter.store.engine import FAULTS, Connection, Engine
+from exporter.store.engine import Connection, Engine
 from exporter.store.migrations import atomically
 
 log = logging.getLogger("exporter.store")
@@ -80,12 +80,10 @@ _OPEN_WINDOWS: Final = """SELECT provider, kind, start, "end", tokens, nanousd F
     WHERE "end" > ?"""
 _RESERVE: Final = """INSERT INTO budget_ledger (provider, reserved_tokens, reserved_nanousd, at,
     day_start, month_start, month_end) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"""
-_ADD: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
-    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
-    tokens = tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"""
-_AT_LEAST: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
-    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET
-    tokens = max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"""
+_UPSERT: Final = """INSERT INTO budget_windows (provider, kind, start, "end", tokens, nanousd)
+    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET tokens ="""
+_ADD: Final = f"{_UPSERT} tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"
+_FLOOR: Final = f"{_UPSERT} max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"
 # "settled = 0": settling again (a retried settlement) changes nothing; NULL (unknown) keeps
 # the reserved amount.
 _SETTLE: Final = """UPDATE budget_ledger SET settled = 1, settled_at = ?,
@@ -108,7 +106,7 @@ class Ledger(Engine):
         now = self._clock.time()
         if replaced:
             kept = [(*key, *value) for key, value in self._seen.items() if value[0] > now]
-            await atomically(conn, lambda conn: conn.executemany(_AT_LEAST, kept))
+            await atomically(conn, lambda conn: conn.executemany(_FLOOR, kept))
             if kept:
                 log.warning(
                     "store: %s was replaced or removed while running: carried the totals of %d "
@@ -148,19 +146,12 @@ class Ledger(Engine):
                 return LedgerDecision(None, totals)
             row = (provider, tokens, nanousd, at, w.day_start, w.month_start, w.month_end)
             ((reservation_id,),) = await conn.execute_fetchall(_RESERVE, row)
-            for kind, start, end in (
-                ("day", w.day_start, w.day_end),
-                ("month", w.month_start, w.month_end),
-            ):
-                await conn.execute_fetchall(_ADD, (provider, kind, start, end, tokens, nanousd))
+            day, month = ("day", w.day_start, w.day_end), ("month", w.month_start, w.month_end)
+            await conn.executemany(_ADD, [(provider, *k, tokens, nanousd) for k in (day, month)])
             after = await self._totals(conn, provider, w.day_start, w.month_start)
             return LedgerDecision(reservation_id, after)
 
-        try:
-            return await self.run(reserve, transaction=True)
-        except FAULTS as exc:
-            self.report("budget", exc)
-            return None
+        return await self.read("budget", reserve, None, transaction=True)
 
     async def budget_settle(
         self, reservation_id: int, *, tokens: int | None, nanousd: int | None
@@ -175,12 +166,10 @@ class Ledger(Engine):
         at = self._clock.time()
 
         async def settle(conn: Connection) -> None:
-            changes = await conn.execute_fetchall(_SETTLE, (at, tokens, nanousd, reservation_id))
-            for extra_tokens, extra_nanousd, provider, day, month in changes:
-                await conn.execute_fetchall(
-                    _SETTLE_WINDOWS, (extra_tokens, extra_nanousd, provider, day, month)
-                )
-                outcome.append(await self._totals(conn, provider, day, month))
+            # At most one row: (extra tokens, extra nanousd, provider, day start, month start).
+            for row in await conn.execute_fetchall(_SETTLE, (at, tokens, nanousd, reservation_id)):
+                await conn.execute_fetchall(_SETTLE_WINDOWS, row)
+                outcome.append(await self._totals(conn, *row[2:]))
 
         landed = await self.submit("budget", settle)
         return outcome[-1] if landed and outcome else None
