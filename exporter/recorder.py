@@ -29,7 +29,7 @@ from exporter.reliability import reliability_score
 from exporter.report import ResponseFacts, RunReport
 from exporter.results import ErrorType, ProbeResult, Verdict
 from exporter.state import State
-from exporter.store import Store
+from exporter.store import ModelState, Store
 
 log = logging.getLogger(__name__)
 
@@ -447,10 +447,7 @@ class Recorder:
         self.state.record_failures(*key, health.failures, health.cooldown_until)
         if self.store is not None:
             await self.store.save_model_state(
-                *key,
-                consecutive_failures=health.failures,
-                consecutive_successes=health.successes,
-                cooldown_until=health.cooldown_until or None,
+                ModelState(*key, health.failures, health.successes, health.cooldown_until or None)
             )
 
     async def _update_reliability(self, provider: str, model: str) -> None:

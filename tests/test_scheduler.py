@@ -23,7 +23,7 @@ from exporter.results import ErrorType, ProbeResult, RequestRecord, ResponseMeta
 from exporter.runtime import ProviderRuntime
 from exporter.scheduler import Scheduler
 from exporter.state import State
-from exporter.store import Store
+from exporter.store import ModelState, Store
 
 pytestmark = pytest.mark.anyio
 T0 = 1_700_000_000.0
@@ -293,9 +293,7 @@ async def test_restored_runs_and_cooldowns_hold_after_a_restart(tmp_path: Path) 
     state = State()
     async with await Store.open(tmp_path / "db.sqlite", clock=clock) as store:
         # What the previous process left: m2 failed five times and cools down until T0+500.
-        await store.save_model_state(
-            "p", "m2", consecutive_failures=5, consecutive_successes=0, cooldown_until=T0 + 500
-        )
+        await store.save_model_state(ModelState("p", "m2", 5, 0, T0 + 500))
         recorder = Recorder(state, store, None, clock, config)
         await recorder.restore()
     recorder.store = None  # closed; the run below needs no history

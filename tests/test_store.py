@@ -439,20 +439,10 @@ async def test_model_state_round_trip(db_path: Path) -> None:
     clock = FakeClock(START)
     async with await Store.open(db_path, clock=clock) as store:
         assert await store.load_model_states() == {}
-        await store.save_model_state(
-            "venice", "m1", consecutive_failures=1, consecutive_successes=0, cooldown_until=None
-        )
+        await store.save_model_state(ModelState("venice", "m1", 1, 0, None))
         clock.advance(5)
-        await store.save_model_state(
-            "venice",
-            "m1",
-            consecutive_failures=5,
-            consecutive_successes=0,
-            cooldown_until=START + 905,
-        )
-        await store.save_model_state(
-            "venice", "m2", consecutive_failures=0, consecutive_successes=2, cooldown_until=None
-        )
+        await store.save_model_state(ModelState("venice", "m1", 5, 0, START + 905))
+        await store.save_model_state(ModelState("venice", "m2", 0, 2, None))
     async with await Store.open(db_path, clock=clock) as store:
         assert await store.load_model_states() == {
             ("venice", "m1"): ModelState("venice", "m1", 5, 0, START + 905, START + 5),
@@ -475,9 +465,7 @@ async def test_cleanup_deletes_old_history_but_never_open_budget(db_path: Path) 
         # (its process crashed; its month is over, so it no longer matters).
         await store.record_run(run("old", finished_at=clock.time()))
         await store.save_balance("venice", "usd", 5.0)
-        await store.save_model_state(
-            "venice", "gone", consecutive_failures=3, consecutive_successes=0, cooldown_until=None
-        )
+        await store.save_model_state(ModelState("venice", "gone", 3, 0, None))
         settled = await budget.reserve("venice", 100, 0.0)
         assert settled is not None
         await budget.settle(settled, tokens=50, usd=None)
@@ -492,9 +480,7 @@ async def test_cleanup_deletes_old_history_but_never_open_budget(db_path: Path) 
         assert clock.time() == now
         await store.record_run(run("new", finished_at=now - 60))
         await store.save_balance("venice", "usd", 4.0)
-        await store.save_model_state(
-            "venice", "live", consecutive_failures=0, consecutive_successes=2, cooldown_until=None
-        )
+        await store.save_model_state(ModelState("venice", "live", 0, 2, None))
 
         deleted = await store.cleanup(older_than=cutoff)
 
@@ -595,9 +581,7 @@ def big_run(run_id: str, finished_at: float = START) -> ProbeResult:
 async def write_everything(store: Store, tag: str, clock: FakeClock) -> None:
     await store.record_run(big_run(f"run-{tag}", finished_at=clock.time()))
     await store.save_balance("venice", "usd", 1.5)
-    await store.save_model_state(
-        "venice", f"m-{tag}", consecutive_failures=1, consecutive_successes=0, cooldown_until=None
-    )
+    await store.save_model_state(ModelState("venice", f"m-{tag}", 1, 0, None))
 
 
 async def assert_recovered(store: Store, db_path: Path, run_ids: list[str]) -> None:

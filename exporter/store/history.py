@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from functools import partial
 from typing import Any, Final
 
@@ -49,8 +49,7 @@ _RELIABILITY: Final = """SELECT provider, model, COUNT(*), SUM(success),
     SUM(CASE WHEN success = 1 AND caching_works = 1 THEN 1 ELSE 0 END),
     SUM(CASE WHEN success = 1 THEN hit_ratio END),
     SUM(CASE WHEN success = 1 AND hit_ratio IS NOT NULL THEN 1 ELSE 0 END) FROM probe_runs"""
-# What retention deletes: (table, key, condition). Windows still open are never cleaned,
-# whatever cutoff the caller passes, nor open reservations of a month that is not over.
+# (table, key, condition) of what retention deletes: never an open window (docs/storage.md).
 _CLEANUP: Final = (
     ("token_usage", "id", "at < :cutoff"),
     ("probe_runs", "id", "finished_at < :cutoff"),
@@ -108,18 +107,9 @@ class Store(Ledger):
         row = (provider, currency, float(amount), self._clock.time())
         await self.submit("balance", lambda conn: conn.execute_fetchall(sql, row))
 
-    async def save_model_state(
-        self,
-        provider: str,
-        model: str,
-        *,
-        consecutive_failures: int,
-        consecutive_successes: int,
-        cooldown_until: float | None,
-    ) -> None:
-        """Replace the model's failure-tracking state (stamped with the store's clock)."""
-        counts = (int(consecutive_failures), int(consecutive_successes))
-        row = (provider, model, *counts, cooldown_until, self._clock.time())
+    async def save_model_state(self, state: ModelState) -> None:
+        """Replace the model's failure-tracking state (``updated_at``: the store's clock)."""
+        row = astuple(replace(state, updated_at=self._clock.time()))
         await self.submit("model_state", lambda conn: conn.execute_fetchall(_SAVE_MODEL_STATE, row))
 
     async def recent_runs(
@@ -134,8 +124,7 @@ class Store(Ledger):
     ) -> list[ProbeResult]:
         """Runs matching every filter given (``since``: finished at or after), newest first,
         at most ``MAX_RECENT_RUNS``."""
-        if (limit := min(int(limit), MAX_RECENT_RUNS)) <= 0:
-            return []
+        limit = max(0, min(limit, MAX_RECENT_RUNS))  # a negative LIMIT would mean none
         filters = {"provider": provider, "model": model, "probe": probe, "trace_id": trace_id}
         where, params = _where(**filters, since=since)
         order = "ORDER BY finished_at DESC, id DESC LIMIT ?"
@@ -179,9 +168,9 @@ class Store(Ledger):
                     f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
                     f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
                 )
-                delete = partial(_count, sql=sql, params=params)
+                delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
                 for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
-                    deleted += (count := await self.run(delete, transaction=True))
+                    deleted += (count := len(list(await self.run(delete, transaction=True))))
                     if count < _CLEANUP_BATCH:
                         break
             if deleted:
@@ -213,10 +202,6 @@ def _where(**filters: object) -> tuple[str, list[object]]:
     given = {name: value for name, value in filters.items() if value is not None}
     clauses = ["finished_at >= ?" if name == "since" else f"{name} = ?" for name in given]
     return " AND ".join(["1", *clauses]), list(given.values())
-
-
-async def _count(conn: Connection, *, sql: str, params: dict[str, float]) -> int:
-    return len(list(await conn.execute_fetchall(sql, params)))
 
 
 def _decode(rows: Iterable[Any]) -> list[ProbeResult]:

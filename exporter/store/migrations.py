@@ -111,34 +111,28 @@ async def schema_version(conn: aiosqlite.Connection) -> int:
     return int(version)
 
 
-def _too_new(version: int, latest: int) -> SchemaTooNewError:
-    return SchemaTooNewError(
-        f"database schema version {version} is newer than this exporter supports ({latest}); "
-        "upgrade the exporter or point it at another database file"
-    )
-
-
 async def migrate(
     conn: aiosqlite.Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
 ) -> int:
     """Bring the schema up to date, one transaction per migration; return the version after.
-    Raises ``SchemaTooNewError`` for a file from a newer exporter."""
-    latest = len(migrations)
-    if (version := await schema_version(conn)) > latest:
-        raise _too_new(version, latest)
+    Raises ``SchemaTooNewError`` for a file from a newer exporter (also one that a newer
+    exporter migrated meanwhile)."""
+    version = await schema_version(conn)
     for number, migration in enumerate(migrations[version:], start=version + 1):
-        step = partial(_apply, migration=migration, number=number, now=now, latest=latest)
-        await atomically(conn, step)
-    return await schema_version(conn)
+        await atomically(conn, partial(_apply, migration=migration, number=number, now=now))
+    if (version := await schema_version(conn)) > len(migrations):
+        raise SchemaTooNewError(
+            f"database schema version {version} is newer than this exporter supports "
+            f"({len(migrations)}); upgrade the exporter or point it at another database file"
+        )
+    return version
 
 
 async def _apply(
-    conn: aiosqlite.Connection, *, migration: Migration, number: int, now: float, latest: int
+    conn: aiosqlite.Connection, *, migration: Migration, number: int, now: float
 ) -> None:
     # Re-read under the write lock: another process may have migrated meanwhile.
-    if (current := await schema_version(conn)) > latest:
-        raise _too_new(current, latest)
-    if current >= number:
+    if await schema_version(conn) >= number:
         return
     await conn.execute_fetchall(_AUDIT_TABLE)
     for statement in migration.statements:
