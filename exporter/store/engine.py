@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Self, TypeVar
+from typing import Final, Self, TypeVar
 
 import aiosqlite
 import anyio
@@ -38,11 +38,11 @@ async def connect_sqlite(path: Path, busy_timeout: float) -> Connection:
     return await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # eq=False: found in the queue by identity
 class _Write:
     op: str
     apply: Body[object]
-    state: Literal["pending", "landed", "dropped"] = "pending"
+    landed: bool = False
 
 
 class Engine:
@@ -127,15 +127,15 @@ class Engine:
                 self._drop(self._pending[0], why)
             self._pending.append(write)
             error = await self._drain()
-        if write.state == "pending":
+        if write in self._pending:
             self.report(op, error)
-        return write.state == "landed"
+        return write.landed
 
     async def flush(self) -> int:
         """Retry queued writes now; return how many are still waiting (0 = all saved)."""
         async with self._lock:
             error = await self._drain()
-        if error is not None and self._pending:
+        if error is not None:  # then the queue's head is still waiting
             self.report(self._pending[0].op, error)
         return len(self._pending)
 
@@ -188,14 +188,13 @@ class Engine:
 
     async def _drain(self) -> BaseException | None:
         """Commit queued writes in order, one transaction each; stop at a fault and return it.
-        A write refused by a constraint, or failing with a bug, would fail on every retry: it
-        is dropped instead of blocking the queue."""
+        A refused row or a bug would fail every retry: dropped (docs/storage.md)."""
         while self._pending:  # bounded: every pass lands or drops the head, or returns
             write = self._pending[0]
             with anyio.CancelScope(shield=True):
                 try:
                     await self._run(write.apply, transaction=True)
-                    write.state = "landed"
+                    write.landed = True
                     self._pending.popleft()
                 except _POISON as exc:
                     self.report(self._drop(write, describe(exc)))
@@ -208,7 +207,6 @@ class Engine:
 
     def _drop(self, write: _Write, why: str) -> str:
         log.error("store: %s write dropped: %s", write.op, why)
-        write.state = "dropped"
         self._pending.remove(write)
         return write.op
 

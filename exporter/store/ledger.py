@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from functools import partial
 from typing import Final
 
 from exporter.store.engine import Connection, Engine
@@ -50,16 +51,9 @@ class LedgerLimits:
 
     def admits(self, totals: LedgerTotals, tokens: int, nanousd: int) -> bool:
         """Whether adding this much to both windows stays within every limit."""
-        day, month = totals.day, totals.month
-        return all(
-            limit is None or used <= limit
-            for limit, used in (
-                (self.day_tokens, day.tokens + tokens),
-                (self.month_tokens, month.tokens + tokens),
-                (self.day_nanousd, day.nanousd + nanousd),
-                (self.month_nanousd, month.nanousd + nanousd),
-            )
-        )
+        d, m = totals.day, totals.month
+        used = (d.tokens + tokens, m.tokens + tokens, d.nanousd + nanousd, m.nanousd + nanousd)
+        return all(cap is None or u <= cap for cap, u in zip(astuple(self), used, strict=True))
 
     @property
     def unlimited(self) -> bool:
@@ -156,12 +150,9 @@ class Ledger(Engine):
     async def budget_settle(
         self, reservation_id: int, *, tokens: int | None, nanousd: int | None
     ) -> LedgerTotals | None:
-        """Replace a reservation's reserved amounts by the actual ones (None = keep reserved).
-
-        Returns its windows' totals afterwards; None when it was already settled or is gone,
-        or when the write failed. A failed settlement is queued like a history write: until
-        it lands the reservation counts at its reserved amount (the safe side).
-        """
+        """Replace a reservation's reserved amounts by the actual ones (None = keep reserved);
+        return its windows' totals afterwards, None when it was already settled or is gone or
+        the write failed (then queued: until it lands the reserved amount counts)."""
         outcome: list[LedgerTotals] = []
         at = self._clock.time()
 
@@ -176,7 +167,6 @@ class Ledger(Engine):
 
     async def budget_totals(self, provider: str, windows: LedgerWindows) -> LedgerTotals | None:
         """What the windows have used so far (None when the database cannot be read)."""
-        day, month = windows.day_start, windows.month_start
-        return await self.read(
-            "budget", lambda conn: self._totals(conn, provider, day, month), None
-        )
+        w = windows
+        query = partial(self._totals, provider=provider, day=w.day_start, month=w.month_start)
+        return await self.read("budget", query, None)
