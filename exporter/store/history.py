@@ -28,10 +28,14 @@ _INSERT_RUN: Final = """INSERT OR REPLACE INTO probe_runs (run_id, provider, mod
     duration_seconds, details, trace_id) VALUES (:run_id, :provider, :model, :probe, :verdict,
     :caching_works, :hit_ratio, :success, :error_type, :error, :started_at, :finished_at,
     :duration_seconds, :details, :trace_id)"""
+# Sums over the run's requests; sum() of only NULLs is NULL: "not reported", never 0.
 _INSERT_USAGE: Final = """INSERT OR REPLACE INTO token_usage (run_id, provider, model,
     prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, spend_usd, savings_usd,
-    at) VALUES (:run_id, :provider, :model, :prompt_tokens, :cached_tokens, :cache_write_tokens,
-    :completion_tokens, :spend_usd, :savings_usd, :finished_at)"""
+    at) SELECT :run_id, :provider, :model,
+    coalesce(sum(json_extract(value, '$.prompt_tokens')), 0),
+    sum(json_extract(value, '$.cached_tokens')), sum(json_extract(value, '$.cache_write_tokens')),
+    coalesce(sum(json_extract(value, '$.completion_tokens')), 0),
+    :spend_usd, :savings_usd, :finished_at FROM json_each(:details, '$.requests')"""
 _SAVE_MODEL_STATE: Final = """INSERT OR REPLACE INTO model_state (provider, model,
     consecutive_failures, consecutive_successes, cooldown_until, updated_at)
     VALUES (?, ?, ?, ?, ?, ?)"""
@@ -82,21 +86,13 @@ class Store(Ledger):
         self, result: ProbeResult, *, spend_usd: float = 0.0, savings_usd: float = 0.0
     ) -> None:
         """Store a run and its token usage in one transaction (queued for retry on failure)."""
-        requests, data = result.requests, result.to_dict()
-        row = data | {
-            "success": result.success,
-            "prompt_tokens": _total(r.prompt_tokens for r in requests) or 0,
-            "cached_tokens": _total(r.cached_tokens for r in requests),
-            "cache_write_tokens": _total(r.cache_write_tokens for r in requests),
-            "completion_tokens": _total(r.completion_tokens for r in requests) or 0,
-            "spend_usd": float(spend_usd),
-            "savings_usd": float(savings_usd),
-        }
+        data = result.to_dict()
+        row = data | {"success": result.success, "spend_usd": spend_usd, "savings_usd": savings_usd}
 
         async def write(conn: Connection) -> None:
             details = json.dumps(data, separators=(",", ":"))  # a bug here drops the write
-            await conn.execute_fetchall(_INSERT_RUN, row | {"details": details})
-            await conn.execute_fetchall(_INSERT_USAGE, row)
+            for sql in (_INSERT_RUN, _INSERT_USAGE):
+                await conn.execute_fetchall(sql, row | {"details": details})
 
         await self.submit("write_run", write)
         self.history_version += 1
@@ -190,11 +186,6 @@ class Store(Ledger):
 
     async def _select(self, op: str, sql: str, params: Iterable[object] = ()) -> Iterable[Any]:
         return await self.read(op, lambda conn: conn.execute_fetchall(sql, tuple(params)), [])
-
-
-def _total(values: Iterable[int | None]) -> int | None:
-    reported = [v for v in values if v is not None]
-    return sum(reported) if reported else None  # None: "not reported", never 0
 
 
 def _where(**filters: object) -> tuple[str, list[object]]:
