@@ -11,16 +11,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Self, TypeVar
+from typing import Final, Self
 
 import aiosqlite
 import anyio
 
 from exporter.clock import Clock
-from exporter.store.migrations import StoreError, atomically, migrate, schema_version
+from exporter.store.migrations import Body, Connection, StoreError, T, atomically, migrate
 
 log = logging.getLogger("exporter.store")
-T = TypeVar("T")
 
 # "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
 # is gone), StoreError (reopening failed: a newer schema, a corrupted file).
@@ -28,8 +27,6 @@ FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
 _POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
 _CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
 
-Connection = aiosqlite.Connection
-Body = Callable[[Connection], Awaitable[T]]
 Connector = Callable[[Path, float], Awaitable[Connection]]  # (path, busy timeout) -> connection
 
 
@@ -84,7 +81,8 @@ class Engine:
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
         created = not store.path.exists()
         try:
-            await store.run(schema_version)  # connects: checks and migrates
+            async with store._lock:
+                await store._connection()  # checks and migrates
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
         if created:

@@ -4,7 +4,6 @@ Values are always bound parameters; only the fixed names below go into SQL text.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, replace
 from functools import partial
@@ -14,10 +13,9 @@ import anyio.to_thread
 
 from exporter.reliability import ReliabilityStats
 from exporter.results import ProbeResult
-from exporter.store.engine import FAULTS, Connection, describe, integrity_problems
+from exporter.store.engine import FAULTS, describe, integrity_problems, log
 from exporter.store.ledger import Ledger
-
-log = logging.getLogger("exporter.store")
+from exporter.store.migrations import Connection
 
 MAX_RECENT_RUNS: Final = 1000  # cap on one recent_runs() answer
 _CLEANUP_BATCH: Final = 5000  # rows per delete transaction: the write lock is never held long

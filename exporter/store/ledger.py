@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import astuple, dataclass
 from functools import partial
 from typing import Final
 
-from exporter.store.engine import Connection, Engine
-from exporter.store.migrations import atomically
-
-log = logging.getLogger("exporter.store")
+from exporter.store.engine import Engine, log
+from exporter.store.migrations import Connection, atomically
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from typing import TypeVar
 import aiosqlite
 
 T = TypeVar("T")
+Connection = aiosqlite.Connection
+Body = Callable[[Connection], Awaitable[T]]
 
 
 class StoreError(Exception):
@@ -90,9 +92,7 @@ _AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER 
     name TEXT NOT NULL, applied_at REAL NOT NULL)"""
 
 
-async def atomically(
-    conn: aiosqlite.Connection, body: Callable[[aiosqlite.Connection], Awaitable[T]]
-) -> T:
+async def atomically(conn: Connection, body: Body[T]) -> T:
     """``body`` in one transaction, committed whole or rolled back. IMMEDIATE takes the write
     lock before anything is read, so nothing ``body`` reads can change before it writes."""
     await conn.execute_fetchall("BEGIN IMMEDIATE")
@@ -106,13 +106,13 @@ async def atomically(
     return result
 
 
-async def schema_version(conn: aiosqlite.Connection) -> int:
+async def schema_version(conn: Connection) -> int:
     ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
     return int(version)
 
 
 async def migrate(
-    conn: aiosqlite.Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
+    conn: Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
 ) -> int:
     """Bring the schema up to date, one transaction per migration; return the version after.
     Raises ``SchemaTooNewError`` for a file from a newer exporter (also one that a newer
@@ -128,9 +128,7 @@ async def migrate(
     return version
 
 
-async def _apply(
-    conn: aiosqlite.Connection, *, migration: Migration, number: int, now: float
-) -> None:
+async def _apply(conn: Connection, *, migration: Migration, number: int, now: float) -> None:
     # Re-read under the write lock: another process may have migrated meanwhile.
     if await schema_version(conn) >= number:
         return
