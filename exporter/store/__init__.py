@@ -1,6 +1,4 @@
-"""SQLite history and budget ledger (docs/storage.md). Layers: ``migrations`` (the schema),
-``engine`` (the connection, transactions, faults, the retry queue), ``ledger`` (budget
-reservations), ``history`` (``Store``, which the recorder, the budget and the HTTP API use)."""
+"""SQLite history and budget ledger; its layers are described in docs/storage.md."""
 
 from exporter.store.engine import connect_sqlite
 from exporter.store.history import MAX_RECENT_RUNS, ModelState, Store

@@ -21,8 +21,7 @@ from exporter.store.migrations import Body, Connection, StoreError, T, atomicall
 
 log = logging.getLogger("exporter.store")
 
-# "Not usable right now": sqlite3 errors, OSError (mkdir), ValueError (aiosqlite's connection
-# is gone), StoreError (reopening failed: a newer schema, a corrupted file).
+# Not usable now: SQLite, OSError (mkdir), ValueError (connection gone), StoreError (reopening).
 FAULTS: Final = (sqlite3.Error, OSError, ValueError, StoreError)
 _POISON: Final = (sqlite3.IntegrityError, sqlite3.DataError)  # the row itself is refused
 _CONTENTION: Final = ("SQLITE_BUSY", "SQLITE_LOCKED")  # the connection itself is fine
@@ -251,8 +250,7 @@ class Engine:
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:
-        # While another connection holds the write lock of a rollback-journal file, SQLite
-        # fails the switch at once (no busy handler): retry in real time within busy_timeout.
+        # A rollback-journal file's writer fails the switch at once (no busy handler): retry.
         attempts = max(1, int(self._busy_timeout / 0.02))
         for attempt in range(1, attempts + 1):
             try:
@@ -278,8 +276,7 @@ _BAD_TOTALS: Final = """SELECT count(*) FROM budget_windows WHERE typeof(tokens)
 
 async def integrity_problems(conn: Connection) -> str:
     """``"ok"``, or what integrity_check, foreign_key_check and the ledger's rules found."""
-    found = [str(r[0]) for r in await conn.execute_fetchall("PRAGMA integrity_check")]
-    problems = [p for p in found if p != "ok"]
+    problems = [r for (r,) in await conn.execute_fetchall("PRAGMA integrity_check") if r != "ok"]
     for table, rowid, parent, _ in await conn.execute_fetchall("PRAGMA foreign_key_check"):
         problems.append(f"foreign key violation: {table} rowid {rowid} references {parent}")
     # Values SQLite accepts but the ledger cannot: such totals deny (or grant) everything.

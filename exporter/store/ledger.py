@@ -75,8 +75,7 @@ _UPSERT: Final = """INSERT INTO budget_windows (provider, kind, start, "end", to
     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, kind, start) DO UPDATE SET tokens ="""
 _ADD: Final = f"{_UPSERT} tokens + excluded.tokens, nanousd = nanousd + excluded.nanousd"
 _FLOOR: Final = f"{_UPSERT} max(tokens, excluded.tokens), nanousd = max(nanousd, excluded.nanousd)"
-# "settled = 0": settling again (a retried settlement) changes nothing; NULL (unknown) keeps
-# the reserved amount.
+# "settled = 0": settling again (a retry) changes nothing; NULL (unknown) keeps the reserved.
 _SETTLE: Final = """UPDATE budget_ledger SET settled = 1, settled_at = ?,
     actual_tokens = coalesce(?, reserved_tokens), actual_nanousd = coalesce(?, reserved_nanousd)
     WHERE id = ? AND settled = 0 RETURNING actual_tokens - reserved_tokens,
@@ -95,16 +94,14 @@ class Ledger(Engine):
         """A file deleted or replaced while running first gets the totals of the open windows
         seen (never lowering what it holds); then remember what its open windows hold."""
         now = self._clock.time()
-        if replaced:
-            kept = [(*key, *value) for key, value in self._seen.items() if value[0] > now]
+        if replaced and (kept := [(*k, *v) for k, v in self._seen.items() if v[0] > now]):
             await atomically(conn, lambda conn: conn.executemany(_FLOOR, kept))
-            if kept:
-                log.warning(
-                    "store: %s was replaced or removed while running: carried the totals of %d "
-                    "open budget windows into it (the budget does not restart from zero)",
-                    self.path,
-                    len(kept),
-                )
+            log.warning(
+                "store: %s was replaced or removed while running: carried the totals of %d "
+                "open budget windows into it (the budget does not restart from zero)",
+                self.path,
+                len(kept),
+            )
         rows = await conn.execute_fetchall(_OPEN_WINDOWS, (now,))
         self._seen = {(p, k, s): (e, t, n) for p, k, s, e, t, n in rows}
 

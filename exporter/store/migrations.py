@@ -115,8 +115,7 @@ async def migrate(
     conn: Connection, *, now: float, migrations: Sequence[Migration] = MIGRATIONS
 ) -> int:
     """Bring the schema up to date, one transaction per migration; return the version after.
-    Raises ``SchemaTooNewError`` for a file from a newer exporter (also one that a newer
-    exporter migrated meanwhile)."""
+    Raises ``SchemaTooNewError`` for a file from (or migrated meanwhile by) a newer exporter."""
     version = await schema_version(conn)
     for number, migration in enumerate(migrations[version:], start=version + 1):
         await atomically(conn, partial(_apply, migration=migration, number=number, now=now))
