@@ -49,7 +49,7 @@ _LATEST_BALANCES: Final = """SELECT b.provider, b.currency, b.amount, b.at FROM 
     WHERE provider = t.provider AND currency = t.currency ORDER BY at DESC, id DESC LIMIT 1)"""
 _RELIABILITY: Final = """SELECT provider, model, COUNT(*), SUM(success),
     SUM(CASE WHEN success = 1 AND caching_works = 1 THEN 1 ELSE 0 END),
-    SUM(CASE WHEN success = 1 THEN hit_ratio END),
+    TOTAL(CASE WHEN success = 1 THEN hit_ratio END),
     SUM(CASE WHEN success = 1 AND hit_ratio IS NOT NULL THEN 1 ELSE 0 END) FROM probe_runs"""
 # (table, key, condition) of what retention deletes: never an open window (docs/storage.md).
 _CLEANUP: Final = (
@@ -137,10 +137,8 @@ class Store(Ledger):
         """Per (provider, model): aggregates of the runs finished at or after ``since``."""
         where, params = _where(provider=provider, model=model, since=float(since))
         sql = f"{_RELIABILITY} WHERE {where} AND verdict != 'skipped' GROUP BY provider, model"
-        return {
-            (p, m): ReliabilityStats(n, ok or 0, works or 0, float(hits or 0), count or 0)
-            for p, m, n, ok, works, hits, count in await self._select("read", sql, params)
-        }
+        rows = await self._select("read", sql, params)  # TOTAL(): 0.0, never NULL
+        return {(p, m): ReliabilityStats(*stats) for p, m, *stats in rows}
 
     async def latest_balances(self) -> dict[tuple[str, str], tuple[float, float]]:
         """(provider, currency) -> (amount, at) of the latest balance recorded."""

@@ -107,9 +107,8 @@ class Ledger(Engine):
 
     async def _totals(self, conn: Connection, provider: str, day: int, month: int) -> LedgerTotals:
         used = {"day": WindowTotals(day), "month": WindowTotals(month)}
-        for kind, start, end, tokens, nanousd in await conn.execute_fetchall(
-            _WINDOWS, (provider, day, month)
-        ):
+        rows = await conn.execute_fetchall(_WINDOWS, (provider, day, month))
+        for kind, start, end, tokens, nanousd in rows:
             used[kind] = WindowTotals(start, tokens, nanousd)
             self._seen[(provider, kind, start)] = (end, tokens, nanousd)
         return LedgerTotals(provider, used["day"], used["month"])
