@@ -57,10 +57,8 @@ CURVES: Final = {
 def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     """A server SSLContext for ``tls``; raises ``WebConfigError`` naming the key at fault."""
     ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version, ctx.maximum_version = (
-        TLS_VERSIONS[tls.min_version],
-        TLS_VERSIONS[tls.max_version],
-    )
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    ctx.maximum_version = TLS_VERSIONS[tls.max_version]
     if ctx.minimum_version > ctx.maximum_version:
         raise _error(f"min_version {tls.min_version} is above max_version {tls.max_version}")
     if not tls.prefer_server_cipher_suites:
@@ -69,12 +67,11 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     for curve in tls.curve_preferences:
         if curve not in CURVES:
             raise _error(f'unknown curve "{curve}"', "curve_preferences")
-        ctx.set_ecdh_curve(CURVES[curve])
     if len(tls.curve_preferences) > 1:
-        problem = "Python's ssl module can restrict key exchange to one curve only; list one"
-        raise _error(
-            f"{problem} curve or remove the key to use OpenSSL's defaults", "curve_preferences"
-        )
+        problem = "Python's ssl module can restrict key exchange to one curve only; list one curve"
+        raise _error(f"{problem} or remove the key to use OpenSSL's defaults", "curve_preferences")
+    if tls.curve_preferences:
+        ctx.set_ecdh_curve(CURVES[tls.curve_preferences[0]])
     _load_cert_chain(ctx, tls)
     auth = tls.client_auth_type
     auth = "RequireAnyClientCert" if auth == "RequireClientCert" else auth  # Go's alias
@@ -101,9 +98,8 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     ctx.verify_mode = mode
     if tls.client_allowed_sans:
         if mode != ssl.CERT_REQUIRED:
-            raise _error(
-                "requires client_auth_type RequireAndVerifyClientCert", "client_allowed_sans"
-            )
+            problem = "requires client_auth_type RequireAndVerifyClientCert"
+            raise _error(problem, "client_allowed_sans")
         ctx.allowed_sans = frozenset(tls.client_allowed_sans)
         ctx.sslobject_class = _SanCheckingSSLObject
     return ctx
@@ -118,20 +114,19 @@ def _set_ciphers(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
         # Go would then fail every TLS 1.2 handshake; say so rather than guess.
         problem = "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites"
         raise _error(f"{problem} too or set min_version: TLS13", "cipher_suites")
-    if tls12 := [name for name in names if name]:
-        try:
-            ctx.set_ciphers(":".join(tls12))
-        except ssl.SSLError:
-            problem = "none of the listed suites is available in this OpenSSL"
-            raise _error(problem, "cipher_suites") from None
+    try:
+        if any(names):
+            ctx.set_ciphers(":".join(filter(None, names)))
+    except ssl.SSLError:
+        problem = "none of the listed suites is available in this OpenSSL"
+        raise _error(problem, "cipher_suites") from None
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
     cert_key, cert = _pem(tls, "cert", "certificate")
     key_key, key = _pem(tls, "key", "private key")
-    # load_cert_chain reads files only. The key and certificate just read (inline, or from
-    # their files: a rotation meanwhile cannot pair a new certificate with an old key) go
-    # through one private (0600) temporary file, deleted at once.
+    # load_cert_chain reads files only: the key and certificate just read (so a rotation
+    # meanwhile cannot pair them wrongly) go through a private temporary file, deleted at once.
     with tempfile.NamedTemporaryFile(prefix="pce-tls-", suffix=".pem") as pem:
         pem.write(key + b"\n" + cert)
         pem.flush()
