@@ -75,9 +75,8 @@ def _describe(error: ErrorDetails) -> str:
 
 
 class WebConfigSource:
-    """The web config in force, re-read when its file or the files it names change. While a
-    changed file does not validate, ``current()`` and ``ssl_context()`` raise ``WebConfigError``
-    (docs/http.md, "Changes without restart")."""
+    """The web config in force, re-read when its files change; ``WebConfigError`` while they do
+    not validate (docs/http.md, "Changes without restart")."""
 
     def __init__(
         self,

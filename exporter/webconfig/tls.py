@@ -16,8 +16,7 @@ from exporter.webconfig.models import TLS_VERSIONS, TLSServerConfig, WebConfigEr
 
 log = logging.getLogger("exporter.webconfig")
 
-# Go's names and the verify mode each means here. RequestClientCert: Go asks for a
-# certificate but never checks or uses it, so not asking grants exactly the same access.
+# Go's names and their verify modes. RequestClientCert: Go never checks the certificate.
 CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_NONE,
@@ -25,8 +24,7 @@ CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-# Go's names of the suites the toolkit accepts, and OpenSSL's. None: a TLS 1.3 suite, which
-# is not configurable (in Go either): listing one is accepted and does nothing.
+# Go's names and OpenSSL's. None: a TLS 1.3 suite, not configurable (in Go either): ignored.
 CIPHERS: Final[Mapping[str, str | None]] = {
     "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
     "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
@@ -173,11 +171,8 @@ class _ServerContext(ssl.SSLContext):
 
 
 class _SanCheckingSSLObject(ssl.SSLObject):
-    """Fails the handshake unless the client certificate has a SAN in ``client_allowed_sans``.
-
-    Go's toolkit does this in ``VerifyPeerCertificate``; Python has no such hook, but asyncio
-    treats an SSLError from ``do_handshake`` as a failed handshake and closes the connection.
-    """
+    """Fails the handshake (asyncio then closes the connection) unless the client certificate
+    has a SAN in ``client_allowed_sans``: Go's ``VerifyPeerCertificate``, which Python lacks."""
 
     def do_handshake(self) -> None:
         super().do_handshake()
@@ -201,11 +196,8 @@ def _peer_has_allowed_san(cert: Any, allowed: frozenset[str]) -> bool:
 
 
 class RotatingSSLContext(ssl.SSLContext):
-    """Wraps each new connection with the context ``current()`` gives *now*.
-
-    asyncio calls ``wrap_bio`` once per accepted connection: this is our version of Go's
-    ``GetConfigForClient``, so certificates, CAs and versions follow the file without a restart.
-    """
+    """Wraps each new connection (asyncio calls ``wrap_bio`` once per connection) with the
+    context ``current()`` gives now: Go's ``GetConfigForClient`` (docs/http.md)."""
 
     current: Callable[[], ssl.SSLContext]
 
