@@ -55,7 +55,7 @@ class WebConfigMiddleware:
         authorization = Headers(scope=scope).get("authorization")
         # A credential that already passed skips the rate limit: an unauthenticated flood
         # must not make Prometheus' scrapes 429.
-        known = bool(config.users) and self.authenticator.cached(config.users, authorization)
+        known = self.authenticator.cached(config.users, authorization)
         peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
