@@ -118,21 +118,19 @@ class BasicAuthenticator:
             return True
         if (credentials := parse_basic_auth(authorization)) is None or not users:
             return False  # names no user: nothing to verify
-        started, name = time.monotonic(), client or "?"
+        started, name, password = time.monotonic(), client or "?", credentials[1]
         key = _cache_key(users, credentials)
         # An unknown user costs what the costliest known one does ("$2b$10$…": cost at 4:6).
         target = (key[1] if key else max(users.values(), key=lambda h: h[4:6])).encode("ascii")
         suspect = self._count_failure(name, started) > _SUSPECT_AFTER
         # bcrypt 5 refuses passwords over 72 bytes; Go's fails them too.
-        if (suspect and self._suspects_waiting >= _SUSPECT_QUEUE) or len(credentials[1]) > 72:
+        if (suspect and self._suspects_waiting >= _SUSPECT_QUEUE) or len(password) > 72:
             self.refused_unverified += 1
             return await self._failed(name, started)
         self._suspects_waiting += suspect
         try:
             limiter = self._suspect_limiter if suspect else self._limiter
-            ok = await anyio.to_thread.run_sync(
-                bcrypt.checkpw, credentials[1], target, limiter=limiter
-            )
+            ok = await anyio.to_thread.run_sync(bcrypt.checkpw, password, target, limiter=limiter)
         finally:
             self._suspects_waiting -= suspect
         self.verifications += 1

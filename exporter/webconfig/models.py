@@ -187,9 +187,7 @@ class WebConfig(_Model):
     path: Path | None = None
     tls: TLSServerConfig | None = None
     headers: Headers = Field(default_factory=_empty)
-    http2: bool = Field(
-        True, strict=True
-    )  # accepted for compatibility; uvicorn serves HTTP/1.1 only
+    http2: bool = Field(default=True, strict=True)  # accepted; uvicorn serves HTTP/1.1 only
     users: Users = Field(default_factory=_empty)
     rate_limit: RateLimit | None = None
 

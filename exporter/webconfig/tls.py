@@ -162,8 +162,7 @@ def _error(problem: str, key: str | None = None) -> WebConfigError:
 
 def _ssl_problem(exc: ssl.SSLError) -> str:
     """OpenSSL's words without the ``(_ssl.c:4020)`` source position."""
-    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.args[1] if len(exc.args) > 1 else exc))
-    return text or str(exc.reason or "invalid data")
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
 
 
 class _ServerContext(ssl.SSLContext):
