@@ -114,8 +114,7 @@ class BasicAuthenticator:
     async def check(
         self, users: Mapping[str, str], authorization: str | None, client: str | None = None
     ) -> bool:
-        if self.cached(users, authorization):
-            return True
+        """Verify a credential that ``cached()`` does not know (bcrypt, queued, padded)."""
         if (credentials := parse_basic_auth(authorization)) is None or not users:
             return False  # names no user: nothing to verify
         started, name, password = time.monotonic(), client or "?", credentials[1]

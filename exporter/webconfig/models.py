@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -36,13 +35,13 @@ BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0
 class WebConfigError(Exception):
     """The web config is invalid. ``str()`` is one line: file, key, problem."""
 
-    def __init__(self, detail: str, path: str | os.PathLike[str] | None = None) -> None:
-        self.detail, self.path = detail, None if path is None else Path(path)
-        super().__init__(f"web config file {self.path}: {detail}" if self.path else detail)
+    def __init__(self, detail: str, path: Path | None = None) -> None:
+        self.detail, self.path = detail, path
+        super().__init__(f"web config file {path}: {detail}" if path else detail)
 
 
-def invalid(message: str, key: object = None) -> PydanticCustomError:
-    """A validation error about ``key`` (below the one validated), or about the one validated."""
+def invalid(message: str, key: object) -> PydanticCustomError:
+    """A validation error about ``key``, below the value validated."""
     return PydanticCustomError("webconfig", "{message}", {"message": message, "key": key})
 
 

@@ -67,7 +67,7 @@ def _describe(error: ErrorDetails) -> str:
     # pydantic's words, but for a mapping: its own names the model class.
     message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
     if kind == "webconfig":
-        loc += [] if ctx["key"] is None else [ctx["key"]]
+        loc.append(ctx["key"])
         message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
