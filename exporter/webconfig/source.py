@@ -142,15 +142,14 @@ class WebConfigSource:
             self._ssl = build_ssl_context(config.tls)
         return self._ssl
 
-
-def server_ssl_context(source: WebConfigSource) -> ssl.SSLContext | None:
-    """The context to serve with: None for plain HTTP, else one that follows ``source``."""
-    if not source.tls_enabled:
-        return None
-    source.ssl_context()  # fail at start-up, not at the first connection
-    ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.current = source.ssl_context
-    return ctx
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The context to serve with: None for plain HTTP, else one that follows the file."""
+        if not self.tls_enabled:
+            return None
+        self.ssl_context()  # fail at start-up, not at the first connection
+        ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.current = self.ssl_context
+        return ctx
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
