@@ -170,7 +170,7 @@ class WebConfigFile(_Model):
 
     def value(self, path: Path) -> WebConfig:
         tls, http, limit = self.tls_server_config, self.http_server_config, self.rate_limit
-        return WebConfig(
+        return WebConfig.model_construct(  # the parts are validated already
             path=path,
             tls=tls if tls.enabled else None,
             headers=http.headers,
