@@ -300,10 +300,10 @@ def _web_config_layer(
 def _web_config_tls(web_config: WebConfigSource | WebConfig) -> tuple[ssl.SSLContext | None, bool]:
     """The server's TLS context from ``web_config`` (None: plain HTTP), and whether it
     has basic-auth users."""
-    from exporter.webconfig import WebConfigSource, build_ssl_context, server_ssl_context
+    from exporter.webconfig import WebConfigSource, build_ssl_context
 
     if isinstance(web_config, WebConfigSource):
-        ssl_context = server_ssl_context(web_config)
+        ssl_context = web_config.server_ssl_context()
         config = web_config.current()
     else:
         config = web_config

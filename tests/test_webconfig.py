@@ -353,7 +353,7 @@ INVALID = [
      'http_server_config.headers.X-Content-Type-Options: invalid value "sniff" (expected one '
      "of nosniff)"),
     ('http_server_config:\n  headers:\n    Content-Security-Policy: "a\\r\\nSet-Cookie: x"\n',
-     "http_server_config.headers.Content-Security-Policy: must be a single line"),
+     "http_server_config.headers.Content-Security-Policy: must be a single line of text"),
     ("basic_auth_users: [alice]\n",
      "basic_auth_users: must be a mapping of user names to bcrypt hashes"),
     ("basic_auth_users:\n  alice: plaintext\n",

@@ -2,14 +2,13 @@
 Modules import only those before them: models, tls, source, middleware."""
 
 from exporter.webconfig.middleware import BasicAuthenticator, WebConfigMiddleware, parse_basic_auth
-from exporter.webconfig.models import RateLimit, TLSServerConfig, WebConfig, WebConfigError
-from exporter.webconfig.source import WebConfigSource, load_web_config, server_ssl_context
+from exporter.webconfig.models import RateLimit, WebConfig, WebConfigError
+from exporter.webconfig.source import WebConfigSource, load_web_config
 from exporter.webconfig.tls import build_ssl_context
 
 __all__ = [
     "BasicAuthenticator",
     "RateLimit",
-    "TLSServerConfig",
     "WebConfig",
     "WebConfigError",
     "WebConfigMiddleware",
@@ -17,5 +16,4 @@ __all__ = [
     "build_ssl_context",
     "load_web_config",
     "parse_basic_auth",
-    "server_ssl_context",
 ]

@@ -28,6 +28,7 @@ _FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
 _SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect
 _SUSPECT_QUEUE: Final = 4  # suspect checks waiting at most; beyond, refused without bcrypt
 _MAX_CLIENTS: Final = 4096  # clients remembered (bounded memory)
+_CACHE_SIZE: Final = 256  # successful credentials remembered
 
 
 class WebConfigMiddleware:
@@ -36,10 +37,9 @@ class WebConfigMiddleware:
     configured headers on every response, 401s included."""
 
     def __init__(
-        self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator | None
+        self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator
     ) -> None:
-        self.app, self.source = app, source
-        self.authenticator = authenticator or BasicAuthenticator()
+        self.app, self.source, self.authenticator = app, source, authenticator
         self._bucket: tuple[RateLimit, float, float] | None = None  # limit, tokens, at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,7 +55,7 @@ class WebConfigMiddleware:
         authorization = Headers(scope=scope).get("authorization")
         # A credential that already passed skips the rate limit: an unauthenticated flood
         # must not make Prometheus' scrapes 429.
-        known = bool(config.users) and self.authenticator.cached(config.users, authorization)
+        known = self.authenticator.cached(config.users, authorization)
         peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
@@ -88,19 +88,12 @@ class WebConfigMiddleware:
 
 
 class BasicAuthenticator:
-    """Checks ``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth").
+    """Checks ``Authorization: Basic`` against bcrypt hashes: successes cached, failures
+    padded to the slowest check, suspects on a queue of their own (docs/http.md, "Basic auth
+    details" and "Hostile clients")."""
 
-    Successes are cached, so bcrypt's cost is paid once per credential. Failures are not; an
-    unknown user's password is checked against the costliest configured hash (and refused
-    whatever the result), and every failure takes as long as the slowest check so far, so
-    timing reveals nothing. bcrypt runs in a worker thread one check at a time, as in the
-    toolkit; a client with recent failures or checks in flight waits on a limiter and a short
-    queue of its own, so a flood waits behind itself.
-    """
-
-    def __init__(self, *, cache_size: int = 256) -> None:
-        self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()
-        self._cache_size = cache_size
+    def __init__(self) -> None:
+        self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()  # successes
         self._limiter, self._suspect_limiter = anyio.CapacityLimiter(1), anyio.CapacityLimiter(1)
         self._suspects_waiting = 0
         # client -> (last check started, checks started minus successes in the window): a
@@ -108,7 +101,7 @@ class BasicAuthenticator:
         self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._slowest = 0.0
         self.verifications = 0  # bcrypt computations so far
-        self.refused_unverified = 0  # failures answered without bcrypt (suspect queue full)
+        self.refused_unverified = 0  # failures answered without bcrypt (queue full, overlong)
 
     def cached(self, users: Mapping[str, str], authorization: str | None) -> bool:
         """A credential that already passed: no bcrypt, no queue, no rate limit."""
@@ -121,22 +114,22 @@ class BasicAuthenticator:
     async def check(
         self, users: Mapping[str, str], authorization: str | None, client: str | None = None
     ) -> bool:
-        if self.cached(users, authorization):
-            return True
+        """Verify a credential that ``cached()`` does not know (bcrypt, queued, padded)."""
         if (credentials := parse_basic_auth(authorization)) is None or not users:
             return False  # names no user: nothing to verify
-        started, name = time.monotonic(), client or "?"
+        started, name, password = time.monotonic(), client or "?", credentials[1]
         key = _cache_key(users, credentials)
         # An unknown user costs what the costliest known one does ("$2b$10$…": cost at 4:6).
         target = (key[1] if key else max(users.values(), key=lambda h: h[4:6])).encode("ascii")
         suspect = self._count_failure(name, started) > _SUSPECT_AFTER
-        if suspect and self._suspects_waiting >= _SUSPECT_QUEUE:
+        # bcrypt 5 refuses passwords over 72 bytes; Go's fails them too.
+        if (suspect and self._suspects_waiting >= _SUSPECT_QUEUE) or len(password) > 72:
             self.refused_unverified += 1
             return await self._failed(name, started)
         self._suspects_waiting += suspect
         try:
             limiter = self._suspect_limiter if suspect else self._limiter
-            ok = await anyio.to_thread.run_sync(_checkpw, credentials[1], target, limiter=limiter)
+            ok = await anyio.to_thread.run_sync(bcrypt.checkpw, password, target, limiter=limiter)
         finally:
             self._suspects_waiting -= suspect
         self.verifications += 1
@@ -146,7 +139,7 @@ class BasicAuthenticator:
         if count > 1:  # other checks of this client still count
             self._failures[name] = (at, count - 1)
         self._cache[key] = None
-        if len(self._cache) > self._cache_size:
+        if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return True
 
@@ -179,13 +172,6 @@ def _cache_key(
     user, password = credentials
     hashed = [h for name, h in users.items() if hmac.compare_digest(name.encode("utf-8"), user)]
     return (user, hashed[0], hashlib.sha256(password).digest()) if hashed else None
-
-
-def _checkpw(password: bytes, hashed: bytes) -> bool:
-    try:
-        return bcrypt.checkpw(password, hashed)
-    except ValueError:  # bcrypt 5 refuses passwords over 72 bytes; Go's fails them too
-        return False
 
 
 def parse_basic_auth(header: str | None) -> tuple[bytes, bytes] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -10,17 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, Self
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    StrictBool,
-    StrictStr,
-    ValidationInfo,
-    model_validator,
-)
+from pydantic import BaseModel, Field, PlainValidator, StrictStr, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 from exporter.durations import Duration
@@ -46,18 +35,18 @@ BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0
 class WebConfigError(Exception):
     """The web config is invalid. ``str()`` is one line: file, key, problem."""
 
-    def __init__(self, detail: str, path: str | os.PathLike[str] | None = None) -> None:
-        self.detail, self.path = detail, None if path is None else Path(path)
-        super().__init__(f"web config file {self.path}: {detail}" if self.path else detail)
+    def __init__(self, detail: str, path: Path | None = None) -> None:
+        self.detail, self.path = detail, path
+        super().__init__(f"web config file {path}: {detail}" if path else detail)
 
 
-def invalid(message: str, key: object = None) -> PydanticCustomError:
-    """A validation error about ``key`` (below the one validated), or about the one validated."""
+def invalid(message: str, key: object) -> PydanticCustomError:
+    """A validation error about ``key``, below the value validated."""
     return PydanticCustomError("webconfig", "{message}", {"message": message, "key": key})
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = {"frozen": True}  # unknown keys: refused by _known_keys
 
     @model_validator(mode="before")
     @classmethod
@@ -79,7 +68,7 @@ def _file(value: Any, info: ValidationInfo) -> Path:
 
 Names = tuple[Annotated[StrictStr, Field(min_length=1)], ...]
 Secret = Annotated[StrictStr | None, Field(repr=False)]
-File = Annotated[Path | None, BeforeValidator(_file)]
+File = Annotated[Path | None, PlainValidator(_file)]
 Version = Literal["TLS10", "TLS11", "TLS12", "TLS13"]  # Go names, keys of TLS_VERSIONS
 
 
@@ -97,14 +86,14 @@ class TLSServerConfig(_Model):
     min_version: Version = "TLS12"
     max_version: Version = "TLS13"
     cipher_suites: Names = ()  # Go names, as written
-    prefer_server_cipher_suites: StrictBool = True
+    prefer_server_cipher_suites: bool = Field(default=True, strict=True)
     curve_preferences: Names = ()  # Go names, as written
 
     @property
     def enabled(self) -> bool:
         """The toolkit's rule: TLS is on when one of these is set; the rest alone does nothing."""
         switches = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
-        return bool(self.model_fields_set & {*switches, "client_auth_type"})
+        return bool(self.model_fields_set & (switches | {"client_auth_type"}))
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -115,20 +104,17 @@ class TLSServerConfig(_Model):
 def _headers(value: Any) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping of header names to values")
-    for name, text in value.items():
+    headers = {k: v for k, v in value.items() if v not in ("", None)}  # "Unset if blank"
+    for name in value:
         if name not in ALLOWED_HEADERS:
             allowed = ", ".join(ALLOWED_HEADERS)
             raise ValueError(f'HTTP header "{name}" can not be configured (allowed: {allowed})')
-        choices = ALLOWED_HEADERS[name]
-        if text in ("", None):  # "Unset if blank"
-            continue
-        if not isinstance(text, str):
-            raise invalid("must be a string", name)
-        if any(c in text for c in "\r\n\0"):
-            raise invalid("must be a single line", name)
-        if choices is not None and text not in choices:
+    for name, text in headers.items():
+        if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
+            raise invalid("must be a single line of text", name)
+        if (choices := ALLOWED_HEADERS[name]) and text not in choices:
             raise invalid(f'invalid value "{text}" (expected one of {", ".join(choices)})', name)
-    return MappingProxyType({k: v for k, v in value.items() if v not in ("", None)})
+    return MappingProxyType(headers)
 
 
 def _users(value: Any) -> Mapping[str, str]:
@@ -170,7 +156,7 @@ class RateLimit(_Model):
 
 
 class HTTPServerConfig(_Model):
-    http2: StrictBool = True
+    http2: bool = Field(default=True, strict=True)
     headers: Headers = Field(default_factory=_empty)
 
 
@@ -184,7 +170,7 @@ class WebConfigFile(_Model):
 
     def value(self, path: Path) -> WebConfig:
         tls, http, limit = self.tls_server_config, self.http_server_config, self.rate_limit
-        return WebConfig(
+        return WebConfig.model_construct(  # the parts are validated already
             path=path,
             tls=tls if tls.enabled else None,
             headers=http.headers,
@@ -200,7 +186,7 @@ class WebConfig(_Model):
     path: Path | None = None
     tls: TLSServerConfig | None = None
     headers: Headers = Field(default_factory=_empty)
-    http2: StrictBool = True  # accepted for compatibility; uvicorn serves HTTP/1.1 only
+    http2: bool = Field(default=True, strict=True)  # accepted; uvicorn serves HTTP/1.1 only
     users: Users = Field(default_factory=_empty)
     rate_limit: RateLimit | None = None
 

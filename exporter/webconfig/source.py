@@ -20,9 +20,6 @@ from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
 
 log = logging.getLogger("exporter.webconfig")
 
-# pydantic's words, but for a mapping: its own names the model class.
-_MODEL_TYPE = "Input should be a mapping of keys"
-
 
 class _StrictLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate keys, as Go's ``yaml.UnmarshalStrict`` does."""
@@ -38,8 +35,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """Read and validate a web config file, loading its certificates to prove they work;
-    raise ``WebConfigError``, one line naming the key."""
+    """The validated file, its certificates loaded to prove they work; else ``WebConfigError``."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
@@ -68,9 +64,10 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
 def _describe(error: ErrorDetails) -> str:
     """``key.path: problem`` for one pydantic error."""
     loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
-    message = _MODEL_TYPE if kind == "model_type" else error["msg"]
+    # pydantic's words, but for a mapping: its own names the model class.
+    message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
     if kind == "webconfig":
-        loc += [] if ctx["key"] is None else [ctx["key"]]
+        loc.append(ctx["key"])
         message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
@@ -78,9 +75,8 @@ def _describe(error: ErrorDetails) -> str:
 
 
 class WebConfigSource:
-    """The web config in force, re-read when its file or the files it names change. While a
-    changed file does not validate, ``current()`` and ``ssl_context()`` raise ``WebConfigError``
-    (docs/http.md, "Changes without restart")."""
+    """The web config in force, re-read when its files change; ``WebConfigError`` while they do
+    not validate (docs/http.md, "Changes without restart")."""
 
     def __init__(
         self,
@@ -92,7 +88,7 @@ class WebConfigSource:
     ) -> None:
         self._config, self._interval, self._monotonic = config, check_interval, monotonic
         self._watch = watch and config.path is not None
-        self._checked_at, self._signature = monotonic(), _signature(config.files)
+        self._checked_at, self._signature = monotonic(), list(map(_stat, config.files))
         self._error: WebConfigError | None = None
         self._ssl: ssl.SSLContext | None = None
         self.tls_enabled = config.tls is not None  # fixed at start: the socket is TLS or not
@@ -109,7 +105,7 @@ class WebConfigSource:
             self._checked_at = self._monotonic()
             # In the error state retry every interval: the fix may be a file we cannot know
             # to watch (a certificate the broken file names for the first time).
-            if self._error is not None or _signature(self._config.files) != self._signature:
+            if self._error is not None or list(map(_stat, self._config.files)) != self._signature:
                 with contextlib.suppress(WebConfigError):
                     self.reload()
         if self._error is not None:
@@ -134,7 +130,7 @@ class WebConfigSource:
         if self._error is not None:
             log.info("web config %s is valid again", path)
         self._config, self._error, self._ssl = config, None, None
-        self._signature = _signature(config.files)
+        self._signature = list(map(_stat, config.files))
         self.generation += 1
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -146,23 +142,18 @@ class WebConfigSource:
             self._ssl = build_ssl_context(config.tls)
         return self._ssl
 
-
-def server_ssl_context(source: WebConfigSource) -> ssl.SSLContext | None:
-    """The context to serve with: None for plain HTTP, else one that follows ``source``."""
-    if not source.tls_enabled:
-        return None
-    source.ssl_context()  # fail at start-up, not at the first connection
-    ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.current = source.ssl_context
-    return ctx
-
-
-def _signature(paths: tuple[Path, ...]) -> list[tuple[int, int, int] | None]:
-    """What a change check compares: mtime, size and inode of each file (None: missing)."""
-    return [_stat(path) for path in paths]
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The context to serve with: None for plain HTTP, else one that follows the file."""
+        if not self.tls_enabled:
+            return None
+        self.ssl_context()  # fail at start-up, not at the first connection
+        ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.current = self.ssl_context
+        return ctx
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
+    """What a change check compares: mtime, size and inode (None: missing)."""
     try:
         st = path.stat()
     except OSError:

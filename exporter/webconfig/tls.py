@@ -16,8 +16,7 @@ from exporter.webconfig.models import TLS_VERSIONS, TLSServerConfig, WebConfigEr
 
 log = logging.getLogger("exporter.webconfig")
 
-# Go's names and the verify mode each means here. RequestClientCert: Go asks for a
-# certificate but never checks or uses it, so not asking grants exactly the same access.
+# Go's names and their verify modes. RequestClientCert: Go never checks the certificate.
 CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_NONE,
@@ -25,8 +24,7 @@ CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-# Go's names of the suites the toolkit accepts, and OpenSSL's. None: a TLS 1.3 suite, which
-# is not configurable (in Go either): listing one is accepted and does nothing.
+# Go's names and OpenSSL's. None: a TLS 1.3 suite, not configurable (in Go either): ignored.
 CIPHERS: Final[Mapping[str, str | None]] = {
     "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
     "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
@@ -57,10 +55,8 @@ CURVES: Final = {
 def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     """A server SSLContext for ``tls``; raises ``WebConfigError`` naming the key at fault."""
     ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version, ctx.maximum_version = (
-        TLS_VERSIONS[tls.min_version],
-        TLS_VERSIONS[tls.max_version],
-    )
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    ctx.maximum_version = TLS_VERSIONS[tls.max_version]
     if ctx.minimum_version > ctx.maximum_version:
         raise _error(f"min_version {tls.min_version} is above max_version {tls.max_version}")
     if not tls.prefer_server_cipher_suites:
@@ -69,12 +65,11 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     for curve in tls.curve_preferences:
         if curve not in CURVES:
             raise _error(f'unknown curve "{curve}"', "curve_preferences")
-        ctx.set_ecdh_curve(CURVES[curve])
     if len(tls.curve_preferences) > 1:
-        problem = "Python's ssl module can restrict key exchange to one curve only; list one"
-        raise _error(
-            f"{problem} curve or remove the key to use OpenSSL's defaults", "curve_preferences"
-        )
+        problem = "Python's ssl module can restrict key exchange to one curve only; list one curve"
+        raise _error(f"{problem} or remove the key to use OpenSSL's defaults", "curve_preferences")
+    if tls.curve_preferences:
+        ctx.set_ecdh_curve(CURVES[tls.curve_preferences[0]])
     _load_cert_chain(ctx, tls)
     auth = tls.client_auth_type
     auth = "RequireAnyClientCert" if auth == "RequireClientCert" else auth  # Go's alias
@@ -101,9 +96,8 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     ctx.verify_mode = mode
     if tls.client_allowed_sans:
         if mode != ssl.CERT_REQUIRED:
-            raise _error(
-                "requires client_auth_type RequireAndVerifyClientCert", "client_allowed_sans"
-            )
+            problem = "requires client_auth_type RequireAndVerifyClientCert"
+            raise _error(problem, "client_allowed_sans")
         ctx.allowed_sans = frozenset(tls.client_allowed_sans)
         ctx.sslobject_class = _SanCheckingSSLObject
     return ctx
@@ -118,20 +112,19 @@ def _set_ciphers(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
         # Go would then fail every TLS 1.2 handshake; say so rather than guess.
         problem = "lists only TLS 1.3 suites, which are not configurable; list TLS 1.2 suites"
         raise _error(f"{problem} too or set min_version: TLS13", "cipher_suites")
-    if tls12 := [name for name in names if name]:
-        try:
-            ctx.set_ciphers(":".join(tls12))
-        except ssl.SSLError:
-            problem = "none of the listed suites is available in this OpenSSL"
-            raise _error(problem, "cipher_suites") from None
+    try:
+        if any(names):
+            ctx.set_ciphers(":".join(filter(None, names)))
+    except ssl.SSLError:
+        problem = "none of the listed suites is available in this OpenSSL"
+        raise _error(problem, "cipher_suites") from None
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, tls: TLSServerConfig) -> None:
     cert_key, cert = _pem(tls, "cert", "certificate")
     key_key, key = _pem(tls, "key", "private key")
-    # load_cert_chain reads files only. The key and certificate just read (inline, or from
-    # their files: a rotation meanwhile cannot pair a new certificate with an old key) go
-    # through one private (0600) temporary file, deleted at once.
+    # load_cert_chain reads files only: the key and certificate just read (so a rotation
+    # meanwhile cannot pair them wrongly) go through a private temporary file, deleted at once.
     with tempfile.NamedTemporaryFile(prefix="pce-tls-", suffix=".pem") as pem:
         pem.write(key + b"\n" + cert)
         pem.flush()
@@ -169,8 +162,7 @@ def _error(problem: str, key: str | None = None) -> WebConfigError:
 
 def _ssl_problem(exc: ssl.SSLError) -> str:
     """OpenSSL's words without the ``(_ssl.c:4020)`` source position."""
-    text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.args[1] if len(exc.args) > 1 else exc))
-    return text or str(exc.reason or "invalid data")
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
 
 
 class _ServerContext(ssl.SSLContext):
@@ -178,11 +170,8 @@ class _ServerContext(ssl.SSLContext):
 
 
 class _SanCheckingSSLObject(ssl.SSLObject):
-    """Fails the handshake unless the client certificate has a SAN in ``client_allowed_sans``.
-
-    Go's toolkit does this in ``VerifyPeerCertificate``; Python has no such hook, but asyncio
-    treats an SSLError from ``do_handshake`` as a failed handshake and closes the connection.
-    """
+    """Fails the handshake (asyncio then closes the connection) unless the client certificate
+    has a SAN in ``client_allowed_sans``: Go's ``VerifyPeerCertificate``, which Python lacks."""
 
     def do_handshake(self) -> None:
         super().do_handshake()
@@ -206,11 +195,8 @@ def _peer_has_allowed_san(cert: Any, allowed: frozenset[str]) -> bool:
 
 
 class RotatingSSLContext(ssl.SSLContext):
-    """Wraps each new connection with the context ``current()`` gives *now*.
-
-    asyncio calls ``wrap_bio`` once per accepted connection: this is our version of Go's
-    ``GetConfigForClient``, so certificates, CAs and versions follow the file without a restart.
-    """
+    """Wraps each new connection (asyncio calls ``wrap_bio`` once per connection) with the
+    context ``current()`` gives now: Go's ``GetConfigForClient`` (docs/http.md)."""
 
     current: Callable[[], ssl.SSLContext]
 
