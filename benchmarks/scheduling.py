@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.exporter_process import ExporterProcess, config_text, probes_toml, wait_for
+from tests.exporter_process import ExporterProcess, config_text, probes_toml, sim_provider, wait_for
 from tests.simulator_process import SimProcess, simulator
 
 FAST = ("sim-cache-ok", "sim-cache-broken", "sim-cache-flaky")
@@ -34,16 +34,9 @@ def slow_model(tmp: Path, seconds: float) -> dict[str, tuple[float, int]]:
     sim_cfg.write_text('[[models]]\nname = "sim-slow"\nfault = "slow"\nslow_seconds = 3\n')
     with simulator("--config", str(sim_cfg)) as sim:
         models = ", ".join(f'"{m}"' for m in (*FAST, "sim-slow"))
-        providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = [{models}]
-concurrency = 2
-isolation_delay = "200ms"
-"""
+        providers = sim_provider(
+            sim.base_url, f"include = [{models}]", "concurrency = 2", isolation_delay="200ms"
+        )
         probes = probes_toml(basic="5s/4s", partial="5s/4s", persistence="5s/4s;requests = 3")
         cfg = tmp / "slow.toml"
         cfg.write_text(

@@ -36,11 +36,12 @@ def probes_toml(**probes: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def sim_provider(base_url: str, *lines: str) -> str:
+def sim_provider(base_url: str, *lines: str, isolation_delay: str = "0s") -> str:
     """One [[providers]] table "sim" (OpenAI-style, key from SIM_API_KEY, no isolation
-    delay) plus ``lines`` (its model selection and any other setting)."""
+    delay unless given) plus ``lines`` (its model selection and any other setting)."""
     head = f'[[providers]]\nname = "sim"\ntype = "openai"\nbase_url = "{base_url}"\n'
-    return head + 'api_key_env = "SIM_API_KEY"\nisolation_delay = "0s"\n' + "\n".join(lines) + "\n"
+    key = f'api_key_env = "SIM_API_KEY"\nisolation_delay = "{isolation_delay}"\n'
+    return head + key + "\n".join(lines) + "\n"
 
 
 def config_text(
@@ -170,6 +171,14 @@ class ExporterProcess:
         response = httpx.get(self.url + "/metrics", headers=headers, timeout=10)
         response.raise_for_status()
         return parse(response.text)
+
+    def wait_for_verdict(self, model: str, works: float = 1, timeout: float = 30) -> bool:
+        """Whether the basic probe of ``model`` (provider "sim") shows ``caching_works ==
+        works`` within ``timeout`` seconds."""
+        labels = {"provider": "sim", "model": model, "probe": "basic"}
+        return wait_for(
+            lambda: value(self.scrape(), "llmcache_caching_works", **labels) == works, timeout
+        )
 
     def families(self) -> set[str]:
         text = httpx.get(self.url + "/metrics", timeout=10).text

@@ -111,19 +111,7 @@ def test_the_key_never_reaches_logs_metrics_api_or_database(
 ) -> None:
     exporter = _start(_write(tmp_path, sim))
     try:
-        assert wait_for(
-            lambda: (
-                value(
-                    exporter.scrape(),
-                    "llmcache_caching_works",
-                    provider="sim",
-                    model="sim-cache-ok",
-                    probe="basic",
-                )
-                == 1
-            ),
-            30,
-        ), exporter.log()
+        assert exporter.wait_for_verdict("sim-cache-ok"), exporter.log()
         texts = [
             httpx.get(exporter.url + "/metrics").text,
             httpx.get(exporter.url + "/api/runs?limit=100").text,

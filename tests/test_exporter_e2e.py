@@ -357,19 +357,12 @@ def test_sigkill_never_overspends_and_loses_no_finished_run(
 ) -> None:
     budget = 40_000
     db = tmp_path / "db.sqlite"
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = ["sim-cache-ok", "sim-cache-flaky", "sim-cache-broken"]
-concurrency = 3
-isolation_delay = "0s"
-[providers.budget]
-daily_tokens = {budget}
-monthly_tokens = {budget}
-"""
+    providers = sim_provider(
+        sim.base_url,
+        'include = ["sim-cache-ok", "sim-cache-flaky", "sim-cache-broken"]',
+        "concurrency = 3",
+        f"[providers.budget]\ndaily_tokens = {budget}\nmonthly_tokens = {budget}",
+    )
     probes = probes_toml(basic="1s/900ms", persistence="2s/1s;requests = 4")
     text = config_text(sim_url=sim.base_url, db_path=db, providers=providers, probes=probes)
     rng = random.Random(20261123)
@@ -430,15 +423,7 @@ ONE_MODEL_PROBES = probes_toml(basic="1s/900ms")
 
 
 def _one_model_exporter(sim: SimProcess, db: Path) -> ExporterProcess:
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-include = ["sim-cache-ok"]
-isolation_delay = "0s"
-"""
+    providers = sim_provider(sim.base_url, 'include = ["sim-cache-ok"]')
     # The config file goes beside the tmpfs, not on it: filling the disk must not touch it.
     return start_exporter(
         db.parent.parent if db.parent.name == "tmpfs" else db.parent,

@@ -11,7 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.exporter_process import ExporterProcess, config_text, probes_toml, value, wait_for
+from tests.exporter_process import (
+    ExporterProcess,
+    config_text,
+    probes_toml,
+    sim_provider,
+    value,
+    wait_for,
+)
 from tests.simulator_process import SimProcess, simulator
 
 pytestmark = pytest.mark.slow
@@ -29,15 +36,9 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimProcess]:
 
 
 def _config(tmp_path: Path, sim: SimProcess) -> Path:
-    providers = f"""
-[[providers]]
-name = "sim"
-type = "openai"
-base_url = "{sim.base_url}"
-api_key_env = "SIM_API_KEY"
-models = ["sim-cache-ok"]
-isolation_delay = "0s"
-
+    providers = (
+        sim_provider(sim.base_url, 'models = ["sim-cache-ok"]')
+        + f"""
 [[proxies]]
 name = "sim"
 type = "openai"
@@ -51,6 +52,7 @@ type = "openai"
 listen = "127.0.0.1:0"
 upstream = "http://127.0.0.1:9"
 """
+    )
     path = tmp_path / "config.toml"
     text = config_text(
         sim_url=sim.base_url,
@@ -130,19 +132,7 @@ def test_traffic_beside_probes_and_the_key_never_leaks(sim: SimProcess, tmp_path
             )
 
         assert wait_for(lambda: traffic() == 4, 20), exporter.log()
-        assert wait_for(
-            lambda: (
-                value(
-                    exporter.scrape(),
-                    "llmcache_caching_works",
-                    provider="sim",
-                    model="sim-cache-ok",
-                    probe="basic",
-                )
-                == 1
-            ),
-            30,
-        ), exporter.log()
+        assert exporter.wait_for_verdict("sim-cache-ok"), exporter.log()
         samples = exporter.scrape()
         # The traffic and the probes of the same model, under the same labels.
         assert value(
