@@ -55,28 +55,29 @@ class WebConfigMiddleware:
         authorization = Headers(scope=scope).get("authorization")
         # A credential that already passed skips the rate limit: an unauthenticated flood
         # must not make Prometheus' scrapes 429.
-        known = self.authenticator.cached(config.users, authorization)
+        users, headers = config.basic_auth_users, config.http_server_config.headers
+        known = self.authenticator.cached(users, authorization)
         peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
             return
-        open_door = known or not config.users
-        if not open_door and not await self.authenticator.check(config.users, authorization, peer):
-            headers = {**config.headers, "WWW-Authenticate": "Basic"}
-            await PlainTextResponse("Unauthorized\n", 401, headers)(scope, receive, send)
+        open_door = known or not users
+        if not open_door and not await self.authenticator.check(users, authorization, peer):
+            challenge = {**headers, "WWW-Authenticate": "Basic"}
+            await PlainTextResponse("Unauthorized\n", 401, challenge)(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                MutableHeaders(scope=message).update(config.headers)
+                MutableHeaders(scope=message).update(headers)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
-    def _allow(self, limit: RateLimit | None) -> bool:
+    def _allow(self, limit: RateLimit) -> bool:
         """A token bucket of ``burst`` requests, refilled one per ``interval``."""
-        if limit is None:
+        if not limit.interval:
             return True
         now = time.monotonic()
         previous, tokens, at = self._bucket or (limit, limit.burst, now)

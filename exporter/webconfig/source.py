@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_core import ErrorDetails
 
-from exporter.webconfig.models import WebConfig, WebConfigError, WebConfigFile
-from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
+from exporter.webconfig.models import (
+    HTTPServerConfig,
+    Model,
+    RateLimit,
+    Users,
+    WebConfigError,
+    empty,
+)
+from exporter.webconfig.tls import RotatingSSLContext, TLSServerConfig
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -34,17 +41,35 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class WebConfig(Model):
+    """A validated web config, as the file lays it out. ``WebConfig()`` is "no file": plain
+    HTTP, no auth."""
+
+    tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
+    http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
+    basic_auth_users: Users = Field(default_factory=empty)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file it was read from (None: made in code)."""
+        return self._path
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The config file and every file it names (what a change check must stat)."""
+        return ((self._path,) if self._path else ()) + self.tls_server_config.files
+
+
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """The validated file, its certificates loaded to prove they work; else ``WebConfigError``."""
+    """The validated file, its TLS context built; else ``WebConfigError``."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
-        parsed = WebConfigFile.model_validate(
+        config = WebConfig.model_validate(
             {} if data is None else data, context={"base": path.parent}
         )
-        config = parsed.value(path)
-        if config.tls is not None:
-            build_ssl_context(config.tls)
     except OSError as exc:
         raise WebConfigError(f"cannot read: {exc.strerror or exc}", path) from None
     except UnicodeDecodeError:
@@ -56,8 +81,7 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
         raise WebConfigError(f"invalid YAML{where}: {problem}", path) from None
     except ValidationError as exc:
         raise WebConfigError("; ".join(dict.fromkeys(map(_describe, exc.errors()))), path) from None
-    except WebConfigError as exc:
-        raise WebConfigError(exc.detail, path) from None
+    config._path = path
     return config
 
 
@@ -67,7 +91,7 @@ def _describe(error: ErrorDetails) -> str:
     # pydantic's words, but for a mapping: its own names the model class.
     message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
     if kind == "webconfig":
-        loc.append(ctx["key"])
+        loc.extend(ctx["key"])
         message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
@@ -90,8 +114,8 @@ class WebConfigSource:
         self._watch = watch and config.path is not None
         self._checked_at, self._signature = monotonic(), list(map(_stat, config.files))
         self._error: WebConfigError | None = None
-        self._ssl: ssl.SSLContext | None = None
-        self.tls_enabled = config.tls is not None  # fixed at start: the socket is TLS or not
+        # Fixed at start: the socket is TLS or not.
+        self.tls_enabled = config.tls_server_config.context is not None
         self.generation = 0  # bumped on every successful reload
 
     @property
@@ -118,8 +142,8 @@ class WebConfigSource:
             return
         try:
             config = load_web_config(path)
-            if (config.tls is not None) != self.tls_enabled:
-                change = "added" if config.tls is not None else "removed"
+            if (tls := config.tls_server_config.context is not None) != self.tls_enabled:
+                change = "added" if tls else "removed"
                 why = "restart the exporter to switch between HTTP and HTTPS"
                 raise WebConfigError(f"tls_server_config: {change} while running; {why}", path)
         except WebConfigError as exc:
@@ -129,26 +153,16 @@ class WebConfigSource:
             raise
         if self._error is not None:
             log.info("web config %s is valid again", path)
-        self._config, self._error, self._ssl = config, None, None
+        self._config, self._error = config, None
         self._signature = list(map(_stat, config.files))
         self.generation += 1
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A server context for the config in force (built once per change)."""
-        config = self.current()
-        if config.tls is None:
-            raise WebConfigError("tls_server_config: TLS is not configured", config.path)
-        if self._ssl is None:
-            self._ssl = build_ssl_context(config.tls)
-        return self._ssl
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """The context to serve with: None for plain HTTP, else one that follows the file."""
         if not self.tls_enabled:
             return None
-        self.ssl_context()  # fail at start-up, not at the first connection
         ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.current = self.ssl_context
+        ctx.current = lambda: self.current().tls_server_config.context
         return ctx
 
 
