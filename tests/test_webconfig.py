@@ -159,8 +159,7 @@ def test_load_full_config(tmp_path: Path, pki: Pki) -> None:
     assert tls.client_auth_type == "RequireAndVerifyClientCert"
     assert tls.client_allowed_sans == ("client.example",)
     assert (tls.min_version, tls.max_version) == ("TLS13", "TLS13")
-    assert tls.files == (pki.server.cert, pki.server.key, pki.ca.cert)
-    assert config.files == (path, *tls.files)
+    assert config.files == (path, pki.server.cert, pki.server.key, pki.ca.cert)
     assert config.http_server_config.http2 is False
     # A blank value means "unset", as the toolkit documents.
     assert dict(config.http_server_config.headers) == {

@@ -32,9 +32,8 @@ _CACHE_SIZE: Final = 256  # successful credentials remembered
 
 
 class WebConfigMiddleware:
-    """Applies the web config in force to every HTTP request, in the toolkit's order: a config
-    that does not load → 500; rate limit → 429; basic auth on every path (/healthz too); the
-    configured headers on every response, 401s included."""
+    """Applies the web config in force to every HTTP request in the toolkit's order: 500 if it
+    does not load, the rate limit (429), basic auth on every path (401), then its headers."""
 
     def __init__(
         self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator
@@ -53,16 +52,14 @@ class WebConfigMiddleware:
             return
         # latin-1, as starlette decodes it: non-ASCII then fails base64 decoding, as it should.
         authorization = Headers(scope=scope).get("authorization")
-        # A credential that already passed skips the rate limit: an unauthenticated flood
-        # must not make Prometheus' scrapes 429.
+        # A credential that passed before skips the rate limit: a flood must not 429 scrapes.
         users, headers = config.basic_auth_users, config.http_server_config.headers
         known = self.authenticator.cached(users, authorization)
         peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
             return
-        open_door = known or not users
-        if not open_door and not await self.authenticator.check(users, authorization, peer):
+        if users and not known and not await self.authenticator.check(users, authorization, peer):
             challenge = {**headers, "WWW-Authenticate": "Basic"}
             await PlainTextResponse("Unauthorized\n", 401, challenge)(scope, receive, send)
             return
@@ -89,9 +86,8 @@ class WebConfigMiddleware:
 
 
 class BasicAuthenticator:
-    """Checks ``Authorization: Basic`` against bcrypt hashes: successes cached, failures
-    padded to the slowest check, suspects on a queue of their own (docs/http.md, "Basic auth
-    details" and "Hostile clients")."""
+    """``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth details" and
+    "Hostile clients"): successes cached, failures padded, suspects on a queue of their own."""
 
     def __init__(self) -> None:
         self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()  # successes

@@ -42,8 +42,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 class WebConfig(Model):
-    """A validated web config, as the file lays it out. ``WebConfig()`` is "no file": plain
-    HTTP, no auth."""
+    """A validated web config, as the file lays it out; ``WebConfig()``: plain HTTP, no auth."""
 
     tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
     http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
@@ -59,7 +58,8 @@ class WebConfig(Model):
     @property
     def files(self) -> tuple[Path, ...]:
         """The config file and every file it names (what a change check must stat)."""
-        return ((self._path,) if self._path else ()) + self.tls_server_config.files
+        tls = self.tls_server_config
+        return tuple(p for p in (self._path, tls.cert_file, tls.key_file, tls.client_ca_file) if p)
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
@@ -114,8 +114,7 @@ class WebConfigSource:
         self._watch = watch and config.path is not None
         self._checked_at, self._signature = monotonic(), list(map(_stat, config.files))
         self._error: WebConfigError | None = None
-        # Fixed at start: the socket is TLS or not.
-        self.tls_enabled = config.tls_server_config.context is not None
+        self.tls_enabled = config.tls_server_config.context is not None  # fixed at start
         self.generation = 0  # bumped on every successful reload
 
     @property
@@ -168,8 +167,7 @@ class WebConfigSource:
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
     """What a change check compares: mtime, size and inode (None: missing)."""
-    try:
+    with contextlib.suppress(OSError):
         st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return None

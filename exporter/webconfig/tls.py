@@ -9,8 +9,7 @@ import logging
 import re
 import ssl
 import tempfile
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final, Literal, Self
 
 from pydantic import Field, PrivateAttr, StrictStr, model_validator
@@ -26,7 +25,7 @@ TLS_VERSIONS: Final = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 # Go's names and their verify modes. RequestClientCert: Go never checks the certificate.
-CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
+CLIENT_AUTH: Final[dict[str, ssl.VerifyMode | None]] = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_NONE,
     "RequireAnyClientCert": None,  # refused: see _server_context
@@ -34,7 +33,7 @@ CLIENT_AUTH: Final[Mapping[str, ssl.VerifyMode | None]] = {
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
 # Go's names and OpenSSL's. None: a TLS 1.3 suite, not configurable (in Go either): ignored.
-CIPHERS: Final[Mapping[str, str | None]] = {
+CIPHERS: Final = {
     "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
     "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
     "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
@@ -92,11 +91,6 @@ class TLSServerConfig(Model):
     @property
     def context(self) -> ssl.SSLContext | None:
         return self._context
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """Files whose change must rebuild the TLS context."""
-        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
 
 def _server_context(tls: TLSServerConfig) -> ssl.SSLContext:
