@@ -674,8 +674,9 @@ async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None
     async with running(source) as (url, _):
         rewrite(auth_file, "basic_auth_users:\n  alice: plaintext\n")
         broken = await get(url, headers=basic("alice", "s3cret"))
-        assert source.error is not None
-        assert source.error.endswith(
+        with pytest.raises(WebConfigError) as err:
+            source.current()
+        assert err.value.detail == (
             "basic_auth_users.alice: not a bcrypt hash "
             "(generate one with: htpasswd -nBC 10 \"\" | tr -d ':\\n')"
         )
@@ -685,7 +686,7 @@ async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None
     assert broken.text == "Internal Server Error\n"
     assert "bcrypt" not in broken.text
     assert fixed.status_code == 200
-    assert source.error is None
+    assert source.current().basic_auth_users
 
 
 @pytest.mark.anyio

@@ -6,7 +6,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,10 +18,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.webconfig.models import RateLimit, WebConfigError
+from exporter.webconfig.models import RateLimit, WebConfigError, log
 from exporter.webconfig.source import WebConfigSource
-
-log = logging.getLogger("exporter.webconfig")
 
 _FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
 _SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from exporter.durations import Duration
 
+log = logging.getLogger("exporter.webconfig")  # the package's one logger
 # The only headers the toolkit lets a web config set, and the values of the enumerated ones.
 ALLOWED_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = {
     "Content-Security-Policy": None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import ssl
 import time
@@ -22,10 +21,9 @@ from exporter.webconfig.models import (
     Users,
     WebConfigError,
     empty,
+    log,
 )
 from exporter.webconfig.tls import RotatingSSLContext, TLSServerConfig
-
-log = logging.getLogger("exporter.webconfig")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -116,11 +114,6 @@ class WebConfigSource:
         self._error: WebConfigError | None = None
         self.tls_enabled = config.tls_server_config.context is not None  # fixed at start
         self.generation = 0  # bumped on every successful reload
-
-    @property
-    def error(self) -> str | None:
-        """Why the config is not usable right now, or None."""
-        return str(self._error) if self._error else None
 
     def current(self) -> WebConfig:
         """The config in force (files checked at most once per interval)."""

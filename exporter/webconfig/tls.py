@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import re
 import ssl
 import tempfile
@@ -14,9 +13,7 @@ from typing import Any, Final, Literal, Self
 
 from pydantic import Field, PrivateAttr, StrictStr, model_validator
 
-from exporter.webconfig.models import File, Model, Names, Secret, WebConfigError, invalid
-
-log = logging.getLogger("exporter.webconfig")
+from exporter.webconfig.models import File, Model, Names, Secret, WebConfigError, invalid, log
 
 TLS_VERSIONS: Final = {
     "TLS10": ssl.TLSVersion.TLSv1,
