@@ -88,9 +88,8 @@ def _describe(error: ErrorDetails) -> str:
     loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
     # pydantic's words, but for a mapping: its own names the model class.
     message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
-    if kind == "webconfig":
+    if kind == "webconfig":  # its message is ours already
         loc.extend(ctx["key"])
-        message = ctx["message"]
     elif kind == "value_error":
         message = str(ctx["error"])
     return f"{'.'.join(map(str, loc)) or 'top level'}: {message}"
