@@ -57,7 +57,7 @@ CURVES: Final = {
 }
 
 Version = Literal["TLS10", "TLS11", "TLS12", "TLS13"]  # Go names, keys of TLS_VERSIONS
-# The toolkit's rule: TLS is on when one of these is set; the other keys alone do nothing.
+# The toolkit's rule: TLS is on when one of these or client_auth_type is set, not otherwise.
 SWITCHES: Final = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
 
 
