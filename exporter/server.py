@@ -300,18 +300,18 @@ def _web_config_layer(
 def _web_config_tls(web_config: WebConfigSource | WebConfig) -> tuple[ssl.SSLContext | None, bool]:
     """The server's TLS context from ``web_config`` (None: plain HTTP), and whether it
     has basic-auth users."""
-    from exporter.webconfig import WebConfigSource, build_ssl_context
+    from exporter.webconfig import WebConfigSource
 
     if isinstance(web_config, WebConfigSource):
         ssl_context = web_config.server_ssl_context()
         config = web_config.current()
     else:
         config = web_config
-        ssl_context = build_ssl_context(config.tls) if config.tls else None
-    if config.tls is not None and config.http2:
+        ssl_context = config.tls_server_config.context
+    if ssl_context and config.http_server_config.http2:
         # uvicorn's h11 server speaks HTTP/1.1 only; ALPN offers nothing else, clients cope.
         log.debug("web config asks for HTTP/2; serving HTTP/1.1 (http2 is not supported)")
-    return ssl_context, bool(config.users)
+    return ssl_context, bool(config.basic_auth_users)
 
 
 @contextlib.asynccontextmanager

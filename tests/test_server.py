@@ -866,13 +866,12 @@ async def test_request_bodies_are_refused() -> None:
 
 @pytest.mark.anyio
 async def test_headers_from_the_web_config_on_every_response() -> None:
-    config = WebConfig(
-        headers={
-            "X-Frame-Options": "deny",
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'self'",
-        }
-    )
+    headers = {
+        "X-Frame-Options": "deny",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'self'",
+    }
+    config = WebConfig(http_server_config={"headers": headers})
     async with running(make_app(web_config=config)) as client:
         responses = [
             await client.get("/"),

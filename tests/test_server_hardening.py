@@ -96,7 +96,8 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 async def test_a_flood_of_bad_guesses_neither_delays_nor_429s_a_valid_scrape() -> None:
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(8)).decode()
-    config = WebConfig(users={"prometheus": hashed}, rate_limit=RateLimit(interval=1.0, burst=5))
+    limit = RateLimit(interval=1.0, burst=5)
+    config = WebConfig(basic_auth_users={"prometheus": hashed}, rate_limit=limit)
     auth = BasicAuthenticator()
     server = serve(app(config, auth), host="127.0.0.1", port=0, web_config=config)
     async with server as address, httpx.AsyncClient(base_url=address.url, timeout=30) as client:

@@ -27,7 +27,6 @@ from exporter.webconfig import (
     WebConfig,
     WebConfigError,
     WebConfigSource,
-    build_ssl_context,
     load_web_config,
     parse_basic_auth,
 )
@@ -155,19 +154,19 @@ def test_load_full_config(tmp_path: Path, pki: Pki) -> None:
     )
     config = load_web_config(path)
     assert config.path == path
-    assert config.tls is not None
-    assert config.tls.client_auth_type == "RequireAndVerifyClientCert"
-    assert config.tls.client_allowed_sans == ("client.example",)
-    assert (config.tls.min_version, config.tls.max_version) == ("TLS13", "TLS13")
-    assert config.tls.files == (pki.server.cert, pki.server.key, pki.ca.cert)
-    assert config.http2 is False
+    tls = config.tls_server_config
+    assert tls.context is not None
+    assert tls.client_auth_type == "RequireAndVerifyClientCert"
+    assert tls.client_allowed_sans == ("client.example",)
+    assert (tls.min_version, tls.max_version) == ("TLS13", "TLS13")
+    assert config.files == (path, pki.server.cert, pki.server.key, pki.ca.cert)
+    assert config.http_server_config.http2 is False
     # A blank value means "unset", as the toolkit documents.
-    assert dict(config.headers) == {
+    assert dict(config.http_server_config.headers) == {
         "X-Frame-Options": "sameorigin",
         "Strict-Transport-Security": "max-age=31536000",
     }
-    assert dict(config.users) == {"alice": hashed}
-    assert config.rate_limit is not None
+    assert dict(config.basic_auth_users) == {"alice": hashed}
     assert (config.rate_limit.interval, config.rate_limit.burst) == (0.1, 5)
     assert hashed not in repr(config)  # hashes are secrets
 
@@ -181,18 +180,18 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, pki: Pki
         conf_dir / "web.yml", "tls_server_config:\n  cert_file: tls/s.crt\n  key_file: tls/s.key\n"
     )
     config = load_web_config(path)
-    assert config.tls is not None
-    assert config.tls.cert_file == conf_dir / "tls" / "s.crt"
+    assert config.tls_server_config.context is not None
+    assert config.tls_server_config.cert_file == conf_dir / "tls" / "s.crt"
 
 
 def test_empty_file_and_empty_sections_mean_defaults(tmp_path: Path) -> None:
     for text in ("", "# nothing\n", "tls_server_config:\nhttp_server_config:\nbasic_auth_users:\n"):
         config = load_web_config(write(tmp_path / "web.yml", text))
-        assert config.tls is None
-        assert not config.users
-        assert not config.headers
-        assert config.http2 is True
-        assert config.rate_limit is None
+        assert config.tls_server_config.context is None
+        assert not config.basic_auth_users
+        assert not config.http_server_config.headers
+        assert config.http_server_config.http2 is True
+        assert config.rate_limit.interval == 0  # off
 
 
 def test_inline_cert_key_and_client_ca(tmp_path: Path, pki: Pki) -> None:
@@ -207,10 +206,10 @@ def test_inline_cert_key_and_client_ca(tmp_path: Path, pki: Pki) -> None:
         "  client_auth_type: RequireAndVerifyClientCert\n"
     )
     config = load_web_config(write(tmp_path / "web.yml", text))
-    assert config.tls is not None
-    assert config.tls.key is not None
+    assert config.tls_server_config.key is not None
     assert "PRIVATE KEY" not in repr(config)
-    ctx = build_ssl_context(config.tls)
+    ctx = config.tls_server_config.context
+    assert ctx is not None
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert not list(tmp_path.glob("pce-tls-*"))
 
@@ -423,9 +422,8 @@ def test_accepted_toolkit_settings(tmp_path: Path, pki: Pki) -> None:
         "  prefer_server_cipher_suites: false\n"
         "  curve_preferences: [CurveP256]\n",
     )
-    config = load_web_config(write(tmp_path / "web.yml", text))
-    assert config.tls is not None
-    ctx = build_ssl_context(config.tls)
+    ctx = load_web_config(write(tmp_path / "web.yml", text)).tls_server_config.context
+    assert ctx is not None
     # RequestClientCert: Go asks and never checks, so not asking grants the same access.
     assert ctx.verify_mode == ssl.CERT_NONE
     assert ctx.maximum_version == ssl.TLSVersion.TLSv1_2
@@ -676,8 +674,9 @@ async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None
     async with running(source) as (url, _):
         rewrite(auth_file, "basic_auth_users:\n  alice: plaintext\n")
         broken = await get(url, headers=basic("alice", "s3cret"))
-        assert source.error is not None
-        assert source.error.endswith(
+        with pytest.raises(WebConfigError) as err:
+            source.current()
+        assert err.value.detail == (
             "basic_auth_users.alice: not a bcrypt hash "
             "(generate one with: htpasswd -nBC 10 \"\" | tr -d ':\\n')"
         )
@@ -687,7 +686,7 @@ async def test_an_invalid_edit_fails_closed_until_fixed(auth_file: Path) -> None
     assert broken.text == "Internal Server Error\n"
     assert "bcrypt" not in broken.text
     assert fixed.status_code == 200
-    assert source.error is None
+    assert source.current().basic_auth_users
 
 
 @pytest.mark.anyio
@@ -757,15 +756,15 @@ def test_changes_are_checked_at_most_once_per_interval(auth_file: Path) -> None:
     now = [0.0]
     source = watch(auth_file, check_interval=1.0, monotonic=lambda: now[0])
     rewrite(auth_file, "basic_auth_users:\n")
-    assert source.current().users  # not re-read yet
+    assert source.current().basic_auth_users  # not re-read yet
     now[0] = 0.5
-    assert source.current().users
+    assert source.current().basic_auth_users
     now[0] = 1.0
-    assert not source.current().users
+    assert not source.current().basic_auth_users
     assert source.generation == 1
 
 
 def test_a_fixed_config_is_never_reread(auth_file: Path) -> None:
     source = WebConfigSource(load_web_config(auth_file), watch=False, check_interval=0)
     rewrite(auth_file, "basic_auth_users:\n")
-    assert source.current().users
+    assert source.current().basic_auth_users

@@ -2,9 +2,8 @@
 Modules import only those before them: models, tls, source, middleware."""
 
 from exporter.webconfig.middleware import BasicAuthenticator, WebConfigMiddleware, parse_basic_auth
-from exporter.webconfig.models import RateLimit, WebConfig, WebConfigError
-from exporter.webconfig.source import WebConfigSource, load_web_config
-from exporter.webconfig.tls import build_ssl_context
+from exporter.webconfig.models import RateLimit, WebConfigError
+from exporter.webconfig.source import WebConfig, WebConfigSource, load_web_config
 
 __all__ = [
     "BasicAuthenticator",
@@ -13,7 +12,6 @@ __all__ = [
     "WebConfigError",
     "WebConfigMiddleware",
     "WebConfigSource",
-    "build_ssl_context",
     "load_web_config",
     "parse_basic_auth",
 ]

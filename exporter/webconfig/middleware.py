@@ -6,7 +6,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,10 +18,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.webconfig.models import RateLimit, WebConfigError
+from exporter.webconfig.models import RateLimit, WebConfigError, log
 from exporter.webconfig.source import WebConfigSource
-
-log = logging.getLogger("exporter.webconfig")
 
 _FAILURE_WINDOW: Final = 60.0  # seconds a failure counts against its client
 _SUSPECT_AFTER: Final = 3  # recent failures (or checks at once) that make a client a suspect
@@ -32,9 +29,8 @@ _CACHE_SIZE: Final = 256  # successful credentials remembered
 
 
 class WebConfigMiddleware:
-    """Applies the web config in force to every HTTP request, in the toolkit's order: a config
-    that does not load → 500; rate limit → 429; basic auth on every path (/healthz too); the
-    configured headers on every response, 401s included."""
+    """Applies the web config in force to every HTTP request in the toolkit's order: 500 if it
+    does not load, the rate limit (429), basic auth on every path (401), then its headers."""
 
     def __init__(
         self, app: ASGIApp, *, source: WebConfigSource, authenticator: BasicAuthenticator
@@ -53,30 +49,29 @@ class WebConfigMiddleware:
             return
         # latin-1, as starlette decodes it: non-ASCII then fails base64 decoding, as it should.
         authorization = Headers(scope=scope).get("authorization")
-        # A credential that already passed skips the rate limit: an unauthenticated flood
-        # must not make Prometheus' scrapes 429.
-        known = self.authenticator.cached(config.users, authorization)
+        # A credential that passed before skips the rate limit: a flood must not 429 scrapes.
+        users, headers = config.basic_auth_users, config.http_server_config.headers
+        known = self.authenticator.cached(users, authorization)
         peer = str(scope["client"][0]) if scope.get("client") else None
         if not known and not self._allow(config.rate_limit):
             await PlainTextResponse("Too Many Requests\n", 429)(scope, receive, send)
             return
-        open_door = known or not config.users
-        if not open_door and not await self.authenticator.check(config.users, authorization, peer):
-            headers = {**config.headers, "WWW-Authenticate": "Basic"}
-            await PlainTextResponse("Unauthorized\n", 401, headers)(scope, receive, send)
+        if users and not known and not await self.authenticator.check(users, authorization, peer):
+            challenge = {**headers, "WWW-Authenticate": "Basic"}
+            await PlainTextResponse("Unauthorized\n", 401, challenge)(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                MutableHeaders(scope=message).update(config.headers)
+                MutableHeaders(scope=message).update(headers)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
-    def _allow(self, limit: RateLimit | None) -> bool:
+    def _allow(self, limit: RateLimit) -> bool:
         """A token bucket of ``burst`` requests, refilled one per ``interval``."""
-        if limit is None:
+        if not limit.interval:
             return True
         now = time.monotonic()
         previous, tokens, at = self._bucket or (limit, limit.burst, now)
@@ -88,9 +83,8 @@ class WebConfigMiddleware:
 
 
 class BasicAuthenticator:
-    """Checks ``Authorization: Basic`` against bcrypt hashes: successes cached, failures
-    padded to the slowest check, suspects on a queue of their own (docs/http.md, "Basic auth
-    details" and "Hostile clients")."""
+    """``Authorization: Basic`` against bcrypt hashes (docs/http.md, "Basic auth details" and
+    "Hostile clients"): successes cached, failures padded, suspects on a queue of their own."""
 
     def __init__(self) -> None:
         self._cache: OrderedDict[tuple[bytes, str, bytes], None] = OrderedDict()  # successes

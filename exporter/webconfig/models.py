@@ -1,25 +1,20 @@
-"""The web config file as pydantic models, with exporter-toolkit's names and rules."""
+"""The web config's building blocks as pydantic models, with exporter-toolkit's names and rules."""
 
 from __future__ import annotations
 
+import logging
 import re
-import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Self
 
 from pydantic import BaseModel, Field, PlainValidator, StrictStr, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 from exporter.durations import Duration
 
-TLS_VERSIONS: Final = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
+log = logging.getLogger("exporter.webconfig")  # the package's one logger
 # The only headers the toolkit lets a web config set, and the values of the enumerated ones.
 ALLOWED_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = {
     "Content-Security-Policy": None,
@@ -40,13 +35,13 @@ class WebConfigError(Exception):
         super().__init__(f"web config file {path}: {detail}" if path else detail)
 
 
-def invalid(message: str, key: object) -> PydanticCustomError:
-    """A validation error about ``key``, below the value validated."""
+def invalid(message: str, *key: object) -> PydanticCustomError:
+    """A validation error about the value validated or, given, its ``key``."""
     return PydanticCustomError("webconfig", "{message}", {"message": message, "key": key})
 
 
-class _Model(BaseModel):
-    model_config = {"frozen": True}  # unknown keys: refused by _known_keys
+class Model(BaseModel):
+    model_config = {"frozen": True}
 
     @model_validator(mode="before")
     @classmethod
@@ -69,36 +64,6 @@ def _file(value: Any, info: ValidationInfo) -> Path:
 Names = tuple[Annotated[StrictStr, Field(min_length=1)], ...]
 Secret = Annotated[StrictStr | None, Field(repr=False)]
 File = Annotated[Path | None, PlainValidator(_file)]
-Version = Literal["TLS10", "TLS11", "TLS12", "TLS13"]  # Go names, keys of TLS_VERSIONS
-
-
-class TLSServerConfig(_Model):
-    """``tls_server_config``; ``tls.build_ssl_context`` checks the values together."""
-
-    cert: Secret = None
-    key: Secret = None
-    client_ca: Secret = None
-    cert_file: File = None
-    key_file: File = None
-    client_auth_type: StrictStr = "NoClientCert"  # Go names, as written
-    client_ca_file: File = None
-    client_allowed_sans: Names = ()
-    min_version: Version = "TLS12"
-    max_version: Version = "TLS13"
-    cipher_suites: Names = ()  # Go names, as written
-    prefer_server_cipher_suites: bool = Field(default=True, strict=True)
-    curve_preferences: Names = ()  # Go names, as written
-
-    @property
-    def enabled(self) -> bool:
-        """The toolkit's rule: TLS is on when one of these is set; the rest alone does nothing."""
-        switches = {"cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"}
-        return bool(self.model_fields_set & (switches | {"client_auth_type"}))
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """Files whose change must rebuild the TLS context."""
-        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
 
 def _headers(value: Any) -> Mapping[str, str]:
@@ -133,15 +98,14 @@ def _users(value: Any) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
-Headers = Annotated[Mapping[str, str], PlainValidator(_headers)]
-Users = Annotated[Mapping[str, str], PlainValidator(_users), Field(repr=False)]
-
-
-def _empty() -> Mapping[str, str]:
+def empty() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
-class RateLimit(_Model):
+Users = Annotated[Mapping[str, str], PlainValidator(_users), Field(repr=False)]
+
+
+class RateLimit(Model):
     """``rate_limit``: a token bucket of ``burst`` requests refilled one per ``interval``."""
 
     interval: Duration = 0.0  # 0 turns the limit off, as in the toolkit
@@ -155,42 +119,6 @@ class RateLimit(_Model):
         return self
 
 
-class HTTPServerConfig(_Model):
-    http2: bool = Field(default=True, strict=True)
-    headers: Headers = Field(default_factory=_empty)
-
-
-class WebConfigFile(_Model):
-    """The file's layout, read as the ``WebConfig`` that ``value()`` returns."""
-
-    tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
-    http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
-    basic_auth_users: Users = Field(default_factory=_empty)
-    rate_limit: RateLimit = Field(default_factory=RateLimit)
-
-    def value(self, path: Path) -> WebConfig:
-        tls, http, limit = self.tls_server_config, self.http_server_config, self.rate_limit
-        return WebConfig.model_construct(  # the parts are validated already
-            path=path,
-            tls=tls if tls.enabled else None,
-            headers=http.headers,
-            http2=http.http2,
-            users=self.basic_auth_users,
-            rate_limit=limit if limit.interval else None,
-        )
-
-
-class WebConfig(_Model):
-    """A validated web config. ``WebConfig()`` is "no file": plain HTTP, no auth."""
-
-    path: Path | None = None
-    tls: TLSServerConfig | None = None
-    headers: Headers = Field(default_factory=_empty)
+class HTTPServerConfig(Model):
     http2: bool = Field(default=True, strict=True)  # accepted; uvicorn serves HTTP/1.1 only
-    users: Users = Field(default_factory=_empty)
-    rate_limit: RateLimit | None = None
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """The config file and every file it names (what a change check must stat)."""
-        return ((self.path,) if self.path else ()) + (self.tls.files if self.tls else ())
+    headers: Annotated[Mapping[str, str], PlainValidator(_headers)] = Field(default_factory=empty)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import ssl
 import time
@@ -12,13 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_core import ErrorDetails
 
-from exporter.webconfig.models import WebConfig, WebConfigError, WebConfigFile
-from exporter.webconfig.tls import RotatingSSLContext, build_ssl_context
-
-log = logging.getLogger("exporter.webconfig")
+from exporter.webconfig.models import (
+    HTTPServerConfig,
+    Model,
+    RateLimit,
+    Users,
+    WebConfigError,
+    empty,
+    log,
+)
+from exporter.webconfig.tls import RotatingSSLContext, TLSServerConfig
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -34,17 +39,35 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class WebConfig(Model):
+    """A validated web config, as the file lays it out; ``WebConfig()``: plain HTTP, no auth."""
+
+    tls_server_config: TLSServerConfig = Field(default_factory=TLSServerConfig)
+    http_server_config: HTTPServerConfig = Field(default_factory=HTTPServerConfig)
+    basic_auth_users: Users = Field(default_factory=empty)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file it was read from (None: made in code)."""
+        return self._path
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The config file and every file it names (what a change check must stat)."""
+        tls = self.tls_server_config
+        return tuple(p for p in (self._path, tls.cert_file, tls.key_file, tls.client_ca_file) if p)
+
+
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """The validated file, its certificates loaded to prove they work; else ``WebConfigError``."""
+    """The validated file, its TLS context built; else ``WebConfigError``."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
-        parsed = WebConfigFile.model_validate(
+        config = WebConfig.model_validate(
             {} if data is None else data, context={"base": path.parent}
         )
-        config = parsed.value(path)
-        if config.tls is not None:
-            build_ssl_context(config.tls)
     except OSError as exc:
         raise WebConfigError(f"cannot read: {exc.strerror or exc}", path) from None
     except UnicodeDecodeError:
@@ -56,8 +79,7 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
         raise WebConfigError(f"invalid YAML{where}: {problem}", path) from None
     except ValidationError as exc:
         raise WebConfigError("; ".join(dict.fromkeys(map(_describe, exc.errors()))), path) from None
-    except WebConfigError as exc:
-        raise WebConfigError(exc.detail, path) from None
+    config._path = path
     return config
 
 
@@ -66,9 +88,8 @@ def _describe(error: ErrorDetails) -> str:
     loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
     # pydantic's words, but for a mapping: its own names the model class.
     message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
-    if kind == "webconfig":
-        loc.append(ctx["key"])
-        message = ctx["message"]
+    if kind == "webconfig":  # its message is ours already
+        loc.extend(ctx["key"])
     elif kind == "value_error":
         message = str(ctx["error"])
     return f"{'.'.join(map(str, loc)) or 'top level'}: {message}"
@@ -90,14 +111,8 @@ class WebConfigSource:
         self._watch = watch and config.path is not None
         self._checked_at, self._signature = monotonic(), list(map(_stat, config.files))
         self._error: WebConfigError | None = None
-        self._ssl: ssl.SSLContext | None = None
-        self.tls_enabled = config.tls is not None  # fixed at start: the socket is TLS or not
+        self.tls_enabled = config.tls_server_config.context is not None  # fixed at start
         self.generation = 0  # bumped on every successful reload
-
-    @property
-    def error(self) -> str | None:
-        """Why the config is not usable right now, or None."""
-        return str(self._error) if self._error else None
 
     def current(self) -> WebConfig:
         """The config in force (files checked at most once per interval)."""
@@ -118,8 +133,8 @@ class WebConfigSource:
             return
         try:
             config = load_web_config(path)
-            if (config.tls is not None) != self.tls_enabled:
-                change = "added" if config.tls is not None else "removed"
+            if (tls := config.tls_server_config.context is not None) != self.tls_enabled:
+                change = "added" if tls else "removed"
                 why = "restart the exporter to switch between HTTP and HTTPS"
                 raise WebConfigError(f"tls_server_config: {change} while running; {why}", path)
         except WebConfigError as exc:
@@ -129,33 +144,22 @@ class WebConfigSource:
             raise
         if self._error is not None:
             log.info("web config %s is valid again", path)
-        self._config, self._error, self._ssl = config, None, None
+        self._config, self._error = config, None
         self._signature = list(map(_stat, config.files))
         self.generation += 1
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A server context for the config in force (built once per change)."""
-        config = self.current()
-        if config.tls is None:
-            raise WebConfigError("tls_server_config: TLS is not configured", config.path)
-        if self._ssl is None:
-            self._ssl = build_ssl_context(config.tls)
-        return self._ssl
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """The context to serve with: None for plain HTTP, else one that follows the file."""
         if not self.tls_enabled:
             return None
-        self.ssl_context()  # fail at start-up, not at the first connection
         ctx = RotatingSSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.current = self.ssl_context
+        ctx.current = lambda: self.current().tls_server_config.context
         return ctx
 
 
 def _stat(path: Path) -> tuple[int, int, int] | None:
     """What a change check compares: mtime, size and inode (None: missing)."""
-    try:
+    with contextlib.suppress(OSError):
         st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return None
