@@ -306,7 +306,7 @@ INVALID = [
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
      "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n"
      "  client_allowed_sans: client.example\n",
-     "tls_server_config.client_allowed_sans: Input should be a valid tuple"),
+     "tls_server_config.client_allowed_sans: Input should be a list"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  min_version: TLS14\n",
      "tls_server_config.min_version: Input should be 'TLS10', 'TLS11', 'TLS12' or 'TLS13'"),
     ("tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  max_version: 1.3\n",

@@ -8,7 +8,7 @@ import ssl
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError
@@ -83,11 +83,17 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     return config
 
 
+_YAML_WORDS: Final = {
+    "model_type": "Input should be a mapping of keys",
+    "tuple_type": "Input should be a list",
+}
+
+
 def _describe(error: ErrorDetails) -> str:
     """``key.path: problem`` for one pydantic error."""
     loc, kind, ctx = list(error["loc"]), error["type"], error.get("ctx") or {}
-    # pydantic's words, but for a mapping: its own names the model class.
-    message = "Input should be a mapping of keys" if kind == "model_type" else error["msg"]
+    # pydantic's words, in YAML's terms: its own name the model class or a Python tuple.
+    message = _YAML_WORDS.get(kind, error["msg"])
     if kind == "webconfig":  # its message is ours already
         loc.extend(ctx["key"])
     elif kind == "value_error":
