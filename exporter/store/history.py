@@ -13,7 +13,7 @@ import anyio.to_thread
 
 from exporter.reliability import ReliabilityStats
 from exporter.results import ProbeResult
-from exporter.store.engine import FAULTS, describe, integrity_problems, log
+from exporter.store.engine import log
 from exporter.store.ledger import Ledger
 from exporter.store.migrations import Connection
 
@@ -154,31 +154,22 @@ class Store(Ledger):
         for the write lock; return the number of rows deleted (docs/storage.md, "Retention")."""
         params = {"cutoff": float(older_than), "now": self._clock.time()}
         deleted = 0
-        try:
-            for table, key, condition in _CLEANUP:
-                sql = (
-                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
-                    f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
-                )
-                delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
-                for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
-                    deleted += (count := len(list(await self.run(delete, transaction=True))))
-                    if count < _CLEANUP_BATCH:
-                        break
-            if deleted:
-                self.history_version += 1
-                await self.run(lambda conn: conn.executescript(_VACUUM))
-        except FAULTS as exc:
-            self.report("cleanup", exc)
+        for table, key, condition in _CLEANUP:
+            sql = (
+                f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
+                f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
+            )
+            delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
+            for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
+                if (rows := await self.read("cleanup", delete, None, transaction=True)) is None:
+                    return deleted  # the fault is reported; the next cleanup continues
+                deleted += (count := len(list(rows)))
+                if count < _CLEANUP_BATCH:
+                    break
+        if deleted:
+            self.history_version += 1
+            await self.read("cleanup", lambda conn: conn.executescript(_VACUUM), None)
         return deleted
-
-    async def integrity_check(self) -> str:
-        """``"ok"``, or the problems found, or ``"unavailable: …"`` when unreadable."""
-        try:
-            return await self.run(integrity_problems)
-        except FAULTS as exc:
-            self.report("read", exc)
-            return f"unavailable: {describe(exc)}"
 
     async def _select(self, op: str, sql: str, params: Iterable[object] = ()) -> Iterable[Any]:
         return await self.read(op, lambda conn: conn.execute_fetchall(sql, tuple(params)), [])
