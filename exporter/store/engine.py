@@ -172,9 +172,8 @@ class Engine:
         return result
 
     async def _drain(self, op: str | None = None) -> None:
-        """Commit queued writes in order, one transaction each; stop at a fault and report it
-        as ``op`` (default: the head's). A refused row or a bug would fail every retry:
-        dropped (docs/storage.md)."""
+        """Commit queued writes in order, one transaction each, dropping those that would fail
+        every retry (docs/storage.md); stop at a fault, reported as ``op`` or the head's."""
         while self._pending:  # bounded: every pass lands or drops the head, or returns
             write = self._pending[0]
             with anyio.CancelScope(shield=True):

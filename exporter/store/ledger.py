@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
-from functools import partial
 from typing import Final
 
 from exporter.store.engine import Engine, log
@@ -160,6 +159,5 @@ class Ledger(Engine):
 
     async def budget_totals(self, provider: str, windows: LedgerWindows) -> LedgerTotals | None:
         """What the windows have used so far (None when the database cannot be read)."""
-        w = windows
-        query = partial(self._totals, provider=provider, day=w.day_start, month=w.month_start)
-        return await self.read("budget", query, None)
+        key = (provider, windows.day_start, windows.month_start)
+        return await self.read("budget", lambda conn: self._totals(conn, *key), None)

@@ -131,10 +131,8 @@ async def _apply(conn: Connection, *, migration: Migration, number: int, now: fl
     # Re-read under the write lock: another process may have migrated meanwhile.
     if await schema_version(conn) >= number:
         return
-    await conn.execute_fetchall(_AUDIT_TABLE)
-    for statement in migration.statements:
-        await conn.execute_fetchall(statement)
-    await conn.execute_fetchall(f"PRAGMA user_version = {number}")  # PRAGMA binds nothing
+    for statement in (_AUDIT_TABLE, *migration.statements, f"PRAGMA user_version = {number}"):
+        await conn.execute_fetchall(statement)  # (a PRAGMA binds no parameters)
     await conn.execute_fetchall(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
         (number, migration.name, now),
