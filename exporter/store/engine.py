@@ -205,21 +205,13 @@ class Engine:
                 return self._conn
             log.warning("store: database file %s was replaced or removed; reopening", self.path)
         await self._disconnect()
-        # Compared before reopening: a new file may well reuse the freed inode number. Until
-        # _prepare succeeds on a replacing file, _identity stays that of the one it replaced.
-        replaced = self._identity is not None and current != self._identity
-        self._conn = await self._connect(first=self._identity is None, replaced=replaced)
-        self._identity, self._writable = _file_identity(self.path), write
-        return self._conn
-
-    async def _connect(self, *, first: bool, replaced: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
             if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
                 # Only before the first table exists (and a write: fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
-            elif first or replaced:
+            elif current != self._identity:  # opened first, or a replacing file
                 await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
                 log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
@@ -230,11 +222,14 @@ class Engine:
                 f" PRAGMA busy_timeout = {busy_ms}; PRAGMA cache_size = -512"
             )
             await migrate(conn, now=self._clock.time())
-            await self._prepare(conn, replaced=replaced)
+            # ``current`` was taken before connecting: a new file may well reuse the freed inode
+            # number. Until _prepare succeeds on a replacing file, _identity stays the old one's.
+            await self._prepare(conn, replaced=self._identity not in (None, current))
         except BaseException:
             with contextlib.suppress(*FAULTS):
                 await conn.close()
             raise
+        self._conn, self._identity, self._writable = conn, _file_identity(self.path), write
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:
