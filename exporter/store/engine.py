@@ -79,13 +79,10 @@ class Engine:
         """Open (creating directories and the file), check and migrate the database; raise
         ``StoreError`` (one line) when it cannot be used. Tests inject faults via ``connector``."""
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
-        created = not store.path.exists()
         try:
             await store._connection(write=True)  # checks and migrates; no one else has the lock
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
-        if created:
-            log.info("store: created a new database %s (no earlier history or budget use)", path)
         return store
 
     async def close(self) -> int:
@@ -211,6 +208,7 @@ class Engine:
             if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
                 # Only before the first table exists (and a write: fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
+                log.info("store: creating a new database %s", self.path)
             elif current != self._identity:  # opened first, or a replacing file
                 await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
