@@ -1,5 +1,4 @@
-"""The connection, its transactions, and faults: never raised by ``submit`` and ``read``, but
-logged, reported to ``on_error`` and, for writes, queued for retry (docs/storage.md)."""
+"""The connection, its transactions and its faults (docs/storage.md, "Fault behaviour")."""
 
 from __future__ import annotations
 
@@ -59,8 +58,7 @@ class Engine:
         self._max_pending, self.dropped_writes = max(1, max_pending), 0
         self._lock, self._pending = anyio.Lock(), deque[_Write]()
         self._conn: Connection | None = None
-        # The file opened (st_dev, st_ino); a connection a read opened is reopened before a
-        # write (it may be read-only): docs/storage.md, "Reconnection".
+        # (st_dev, st_ino) of the file opened, and if a write opened it: storage.md, "Reconnection".
         self._identity: tuple[int, int] | None = None
         self._writable = self._closed = False
         self._healthy = True
@@ -130,8 +128,7 @@ class Engine:
         return len(self._pending)
 
     async def read(self, op: str, query: Body[T], default: T, *, transaction: bool = False) -> T:
-        """``query`` on the connection, in a write transaction if asked; on a fault report
-        ``op`` and return ``default``."""
+        """``query``'s result (in a write transaction if asked); on a fault, report ``op``."""
         try:
             async with self._lock:
                 with anyio.CancelScope(shield=True):

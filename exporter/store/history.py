@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, replace
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio.to_thread
 
@@ -62,8 +61,7 @@ _CLEANUP: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ModelState:
+class ModelState(NamedTuple):
     """Failure tracking for one model, persisted so a restart keeps cooldowns and counts."""
 
     provider: str
@@ -103,7 +101,7 @@ class Store(Ledger):
 
     async def save_model_state(self, state: ModelState) -> None:
         """Replace the model's failure-tracking state (``updated_at``: the store's clock)."""
-        row = astuple(replace(state, updated_at=self._clock.time()))
+        row = state._replace(updated_at=self._clock.time())
         await self.submit("model_state", lambda conn: conn.execute_fetchall(_SAVE_MODEL_STATE, row))
 
     async def recent_runs(
@@ -150,8 +148,7 @@ class Store(Ledger):
         return {(row[0], row[1]): ModelState(*row) for row in rows}
 
     async def cleanup(self, *, older_than: float) -> int:
-        """Delete history older than ``older_than`` in batches, so reservations never wait long
-        for the write lock; return the number of rows deleted (docs/storage.md, "Retention")."""
+        """Delete history older than ``older_than`` (see ``_CLEANUP``); return the rows deleted."""
         params = {"cutoff": float(older_than), "now": self._clock.time()}
         deleted = 0
         for table, key, condition in _CLEANUP:
