@@ -4,9 +4,8 @@ released migration: append a new one (docs/storage.md, "Schema" and "Migrations"
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -23,8 +22,7 @@ class SchemaTooNewError(StoreError):
     """The file was written by a newer exporter; downgrading the schema is not supported."""
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
+class Migration(NamedTuple):
     """One schema step; its version is its place in the list (``MIGRATIONS[0]`` is 1)."""
 
     name: str
