@@ -78,7 +78,7 @@ class Engine:
         ``StoreError`` (one line) when it cannot be used. Tests inject faults via ``connector``."""
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
         try:
-            await store._connection(write=True)  # checks and migrates; no one else has the lock
+            await store._connection(write=True)  # checks and migrates (not shared yet: no lock)
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
         return store
