@@ -29,7 +29,7 @@ from exporter.store import (
     StoreError,
     connect_sqlite,
 )
-from exporter.store.engine import Engine
+from exporter.store.engine import Engine, integrity_problems
 from exporter.store.migrations import MIGRATIONS, Migration, migrate
 
 DAY = 86_400.0
@@ -503,7 +503,7 @@ async def test_cleanup_deletes_old_history_but_never_open_budget(db_path: Path) 
         reloaded = Budget(store, limits, clock)
         await reloaded.load()
         assert reloaded.snapshot()["venice"].get("month", "tokens").used == 24
-        assert await store.integrity_check() == "ok"
+        assert await store.read("read", integrity_problems, "unavailable") == "ok"
         assert await store.cleanup(older_than=cutoff) == 0
 
 
@@ -589,7 +589,7 @@ async def assert_recovered(store: Store, db_path: Path, run_ids: list[str]) -> N
     assert store.pending_writes == 0
     assert store.healthy
     assert sorted(r.run_id for r in await store.recent_runs()) == sorted(run_ids)
-    assert await store.integrity_check() == "ok"
+    assert await store.read("read", integrity_problems, "unavailable") == "ok"
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
@@ -754,7 +754,7 @@ async def test_directory_gone_then_back(tmp_path: Path, errors: Errors) -> None:
         assert await store.reliability_stats(since=0) == {}
         assert await budget.reserve("venice", 1, 0.0) is None
         assert await store.cleanup(older_than=START) == 0
-        assert (await store.integrity_check()).startswith("unavailable: ")
+        assert await store.read("read", integrity_problems, "unavailable") == "unavailable"
         assert errors == [
             "write_run",
             "balance",

@@ -1,5 +1,4 @@
-"""The connection, its transactions, and faults: never raised by ``submit`` and ``read``, but
-logged, reported to ``on_error`` and, for writes, queued for retry (docs/storage.md)."""
+"""The connection, its transactions and its faults (docs/storage.md, "Fault behaviour")."""
 
 from __future__ import annotations
 
@@ -59,9 +58,9 @@ class Engine:
         self._max_pending, self.dropped_writes = max(1, max_pending), 0
         self._lock, self._pending = anyio.Lock(), deque[_Write]()
         self._conn: Connection | None = None
-        # The file opened (st_dev, st_ino) and reopen-before-write: docs/storage.md, "Reconnection".
+        # (st_dev, st_ino) of the file opened, and if a write opened it: storage.md, "Reconnection".
         self._identity: tuple[int, int] | None = None
-        self._reopen_for_write = self._closed = False
+        self._writable = self._closed = False
         self._healthy = True
 
     @classmethod
@@ -78,14 +77,10 @@ class Engine:
         """Open (creating directories and the file), check and migrate the database; raise
         ``StoreError`` (one line) when it cannot be used. Tests inject faults via ``connector``."""
         store = cls(Path(path), clock, on_error, busy_timeout, max_pending, connector)
-        created = not store.path.exists()
         try:
-            async with store._lock:
-                await store._connection()  # checks and migrates
+            await store._connection(write=True)  # checks and migrates (not shared yet: no lock)
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open database {path}: {describe(exc)}") from exc
-        if created:
-            log.info("store: created a new database %s (no earlier history or budget use)", path)
         return store
 
     async def close(self) -> int:
@@ -123,35 +118,24 @@ class Engine:
                 why = f"the retry queue is full ({self.dropped_writes} dropped since start)"
                 self._drop(self._pending[0], why)
             self._pending.append(write)
-            error = await self._drain()
-        if write in self._pending:
-            self.report(op, error)
+            await self._drain(op)
         return write.landed
 
     async def flush(self) -> int:
         """Retry queued writes now; return how many are still waiting (0 = all saved)."""
         async with self._lock:
-            error = await self._drain()
-        if error is not None:  # then the queue's head is still waiting
-            self.report(self._pending[0].op, error)
+            await self._drain()
         return len(self._pending)
 
     async def read(self, op: str, query: Body[T], default: T, *, transaction: bool = False) -> T:
-        """Run ``query`` (as ``run``); on a fault report ``op`` and return ``default``."""
+        """``query``'s result (in a write transaction if asked); on a fault, report ``op``."""
         try:
-            result = await self.run(query, transaction=transaction)
+            async with self._lock:
+                with anyio.CancelScope(shield=True):
+                    result = await self._run(query, transaction=transaction)
         except FAULTS as exc:
             self.report(op, exc)
             return default
-        # The database answers; but writes still queued mean it cannot record yet.
-        self._healthy = self._healthy or not self._pending
-        return result
-
-    async def run(self, body: Body[T], *, transaction: bool = False) -> T:
-        """``body`` on the connection, in a write transaction if asked; faults are raised."""
-        async with self._lock:
-            with anyio.CancelScope(shield=True):
-                result = await self._run(body, transaction=transaction)
         return result
 
     def report(self, op: str, exc: BaseException | None = None) -> None:
@@ -170,22 +154,20 @@ class Engine:
 
     async def _run(self, body: Body[T], *, transaction: bool) -> T:
         try:
-            if not transaction:
-                return await body(await self._connection())
-            result = await atomically(await self._connection(write=True), body)
+            conn = await self._connection(write=transaction)
+            result = await (atomically(conn, body) if transaction else body(conn))
         except FAULTS as exc:
             self._healthy = False
             # Anything but contention or a refused row may have left the connection unusable.
             if not isinstance(exc, _POISON) and not _contention(exc):
-                self._reopen_for_write = True
                 await self._disconnect()
             raise
-        self._healthy, self._reopen_for_write = True, False
+        self._healthy = transaction or not self._pending  # a read does not land queued writes
         return result
 
-    async def _drain(self) -> BaseException | None:
-        """Commit queued writes in order, one transaction each; stop at a fault and return it.
-        A refused row or a bug would fail every retry: dropped (docs/storage.md)."""
+    async def _drain(self, op: str | None = None) -> None:
+        """Commit queued writes in order, one transaction each, dropping those that would fail
+        every retry (docs/storage.md); stop at a fault, reported as ``op`` or the head's."""
         while self._pending:  # bounded: every pass lands or drops the head, or returns
             write = self._pending[0]
             with anyio.CancelScope(shield=True):
@@ -196,11 +178,11 @@ class Engine:
                 except _POISON as exc:
                     self.report(self._drop(write, describe(exc)))
                 except FAULTS as exc:
-                    return exc
+                    self.report(op or write.op, exc)
+                    return
                 except Exception:
                     log.exception("store: %s write failed with an unexpected error", write.op)
                     self.report(self._drop(write, "a bug"))
-        return None
 
     def _drop(self, write: _Write, why: str) -> str:
         log.error("store: %s write dropped: %s", write.op, why)
@@ -212,26 +194,19 @@ class Engine:
         if self._closed:
             raise StoreError("store is closed")
         current = _file_identity(self.path)
-        if self._conn is not None and not (write and self._reopen_for_write):
+        if self._conn is not None and (self._writable or not write):
             if current == self._identity:
                 return self._conn
             log.warning("store: database file %s was replaced or removed; reopening", self.path)
         await self._disconnect()
-        # Compared before reopening: a new file may well reuse the freed inode number. Until
-        # _prepare succeeds on a replacing file, _identity stays that of the one it replaced.
-        replaced = self._identity is not None and current != self._identity
-        self._conn = await self._connect(first=self._identity is None, replaced=replaced)
-        self._identity = _file_identity(self.path)
-        return self._conn
-
-    async def _connect(self, *, first: bool, replaced: bool) -> Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = await self._connector(self.path, self._busy_timeout)
         try:
             if not await conn.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1"):
                 # Only before the first table exists (and a write: fails on a read-only file).
                 await conn.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
-            elif first or replaced:
+                log.info("store: creating a new database %s", self.path)
+            elif current != self._identity:  # opened first, or a replacing file
                 await _refuse_if_corrupted(conn, self.path)
             if (mode := await self._enable_wal(conn)) != "wal":
                 log.warning("store: %s is not in WAL mode (journal_mode=%s)", self.path, mode)
@@ -242,11 +217,14 @@ class Engine:
                 f" PRAGMA busy_timeout = {busy_ms}; PRAGMA cache_size = -512"
             )
             await migrate(conn, now=self._clock.time())
-            await self._prepare(conn, replaced=replaced)
+            # ``current`` was taken before connecting: a new file may well reuse the freed inode
+            # number. Until _prepare succeeds on a replacing file, _identity stays the old one's.
+            await self._prepare(conn, replaced=self._identity not in (None, current))
         except BaseException:
             with contextlib.suppress(*FAULTS):
                 await conn.close()
             raise
+        self._conn, self._identity, self._writable = conn, _file_identity(self.path), write
         return conn
 
     async def _enable_wal(self, conn: Connection) -> str:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, replace
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio.to_thread
 
 from exporter.reliability import ReliabilityStats
 from exporter.results import ProbeResult
-from exporter.store.engine import FAULTS, describe, integrity_problems, log
+from exporter.store.engine import log
 from exporter.store.ledger import Ledger
 from exporter.store.migrations import Connection
 
@@ -62,8 +61,7 @@ _CLEANUP: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ModelState:
+class ModelState(NamedTuple):
     """Failure tracking for one model, persisted so a restart keeps cooldowns and counts."""
 
     provider: str
@@ -103,7 +101,7 @@ class Store(Ledger):
 
     async def save_model_state(self, state: ModelState) -> None:
         """Replace the model's failure-tracking state (``updated_at``: the store's clock)."""
-        row = astuple(replace(state, updated_at=self._clock.time()))
+        row = state._replace(updated_at=self._clock.time())
         await self.submit("model_state", lambda conn: conn.execute_fetchall(_SAVE_MODEL_STATE, row))
 
     async def recent_runs(
@@ -150,35 +148,25 @@ class Store(Ledger):
         return {(row[0], row[1]): ModelState(*row) for row in rows}
 
     async def cleanup(self, *, older_than: float) -> int:
-        """Delete history older than ``older_than`` in batches, so reservations never wait long
-        for the write lock; return the number of rows deleted (docs/storage.md, "Retention")."""
+        """Delete history older than ``older_than`` (see ``_CLEANUP``); return the rows deleted."""
         params = {"cutoff": float(older_than), "now": self._clock.time()}
         deleted = 0
-        try:
-            for table, key, condition in _CLEANUP:
-                sql = (
-                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
-                    f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
-                )
-                delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
-                for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
-                    deleted += (count := len(list(await self.run(delete, transaction=True))))
-                    if count < _CLEANUP_BATCH:
-                        break
-            if deleted:
-                self.history_version += 1
-                await self.run(lambda conn: conn.executescript(_VACUUM))
-        except FAULTS as exc:
-            self.report("cleanup", exc)
+        for table, key, condition in _CLEANUP:
+            sql = (
+                f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
+                f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
+            )
+            delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
+            for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
+                if (rows := await self.read("cleanup", delete, None, transaction=True)) is None:
+                    return deleted  # the fault is reported; the next cleanup continues
+                deleted += (count := len(list(rows)))
+                if count < _CLEANUP_BATCH:
+                    break
+        if deleted:
+            self.history_version += 1
+            await self.read("cleanup", lambda conn: conn.executescript(_VACUUM), None)
         return deleted
-
-    async def integrity_check(self) -> str:
-        """``"ok"``, or the problems found, or ``"unavailable: …"`` when unreadable."""
-        try:
-            return await self.run(integrity_problems)
-        except FAULTS as exc:
-            self.report("read", exc)
-            return f"unavailable: {describe(exc)}"
 
     async def _select(self, op: str, sql: str, params: Iterable[object] = ()) -> Iterable[Any]:
         return await self.read(op, lambda conn: conn.execute_fetchall(sql, tuple(params)), [])

@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
-from functools import partial
-from typing import Final
+from typing import Final, NamedTuple
 
 from exporter.store.engine import Engine, log
 from exporter.store.migrations import Connection, atomically
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerWindows:
+class LedgerWindows(NamedTuple):
     """The day and month windows (epoch seconds, end exclusive) a reservation counts in."""
 
     day_start: int
@@ -21,8 +18,7 @@ class LedgerWindows:
     month_end: int
 
 
-@dataclass(frozen=True, slots=True)
-class WindowTotals:
+class WindowTotals(NamedTuple):
     """What one window has used: reserved amounts of open reservations plus settled actuals."""
 
     start: int
@@ -30,15 +26,13 @@ class WindowTotals:
     nanousd: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerTotals:
+class LedgerTotals(NamedTuple):
     provider: str
     day: WindowTotals
     month: WindowTotals
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerLimits:
+class LedgerLimits(NamedTuple):
     """Limits in ledger units; None = unlimited."""
 
     day_tokens: int | None = None
@@ -50,15 +44,14 @@ class LedgerLimits:
         """Whether adding this much to both windows stays within every limit."""
         d, m = totals.day, totals.month
         used = (d.tokens + tokens, m.tokens + tokens, d.nanousd + nanousd, m.nanousd + nanousd)
-        return all(cap is None or u <= cap for cap, u in zip(astuple(self), used, strict=True))
+        return all(cap is None or u <= cap for cap, u in zip(self, used, strict=True))
 
     @property
     def unlimited(self) -> bool:
         return self == LedgerLimits()
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerDecision:
+class LedgerDecision(NamedTuple):
     """Outcome of a reservation attempt that reached the database."""
 
     reservation_id: int | None  # None: a limit would have been exceeded; nothing was written
@@ -160,6 +153,5 @@ class Ledger(Engine):
 
     async def budget_totals(self, provider: str, windows: LedgerWindows) -> LedgerTotals | None:
         """What the windows have used so far (None when the database cannot be read)."""
-        w = windows
-        query = partial(self._totals, provider=provider, day=w.day_start, month=w.month_start)
-        return await self.read("budget", query, None)
+        key = (provider, windows.day_start, windows.month_start)
+        return await self.read("budget", lambda conn: self._totals(conn, *key), None)

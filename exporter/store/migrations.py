@@ -1,12 +1,11 @@
 """Forward-only schema migrations; ``PRAGMA user_version`` = migrations applied. Never edit a
-released migration: append a new one (docs/storage.md, "Migrations")."""
+released migration: append a new one (docs/storage.md, "Schema" and "Migrations")."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import aiosqlite
 
@@ -23,70 +22,66 @@ class SchemaTooNewError(StoreError):
     """The file was written by a newer exporter; downgrading the schema is not supported."""
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
+class Migration(NamedTuple):
     """One schema step; its version is its place in the list (``MIGRATIONS[0]`` is 1)."""
 
     name: str
     statements: tuple[str, ...]
 
 
-# docs/storage.md explains each table ("Schema").
-_INITIAL = Migration(
-    "initial schema",
-    (
-        """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
-        provider TEXT NOT NULL, model TEXT NOT NULL, probe TEXT NOT NULL, verdict TEXT NOT NULL,
-        caching_works INTEGER CHECK (caching_works IN (0, 1)), hit_ratio REAL,
-        success INTEGER NOT NULL CHECK (success IN (0, 1)), error_type TEXT, error TEXT,
-        started_at REAL NOT NULL, finished_at REAL NOT NULL, duration_seconds REAL NOT NULL,
-        details TEXT NOT NULL)""",
-        "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
-        "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
-        "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
-        """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
-        REFERENCES probe_runs (run_id) ON DELETE CASCADE, provider TEXT NOT NULL,
-        model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER,
-        cache_write_tokens INTEGER, completion_tokens INTEGER NOT NULL,
-        spend_usd REAL NOT NULL, savings_usd REAL NOT NULL, at REAL NOT NULL)""",
-        "CREATE INDEX token_usage_at ON token_usage (at)",
-        "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
-        """CREATE TABLE budget_ledger (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
-        reserved_tokens INTEGER NOT NULL CHECK (reserved_tokens >= 0),
-        reserved_nanousd INTEGER NOT NULL CHECK (reserved_nanousd >= 0),
-        actual_tokens INTEGER CHECK (actual_tokens >= 0),
-        actual_nanousd INTEGER CHECK (actual_nanousd >= 0),
-        settled INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)), at REAL NOT NULL,
-        settled_at REAL, day_start INTEGER NOT NULL, month_start INTEGER NOT NULL,
-        month_end INTEGER NOT NULL)""",
-        "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
-        "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
-        """CREATE TABLE budget_windows (provider TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('day', 'month')), start INTEGER NOT NULL,
-        "end" INTEGER NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
-        nanousd INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (provider, kind, start)) WITHOUT ROWID""",
-        'CREATE INDEX budget_windows_end ON budget_windows ("end")',
-        """CREATE TABLE balances (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
-        currency TEXT NOT NULL, amount REAL NOT NULL, at REAL NOT NULL)""",
-        "CREATE INDEX balances_latest ON balances (provider, currency, at)",
-        "CREATE INDEX balances_at ON balances (at)",
-        """CREATE TABLE model_state (provider TEXT NOT NULL, model TEXT NOT NULL,
-        consecutive_failures INTEGER NOT NULL, consecutive_successes INTEGER NOT NULL,
-        cooldown_until REAL, updated_at REAL NOT NULL, PRIMARY KEY (provider, model))
-        WITHOUT ROWID""",
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "initial schema",
+        (
+            """CREATE TABLE probe_runs (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE,
+            provider TEXT NOT NULL, model TEXT NOT NULL, probe TEXT NOT NULL, verdict TEXT NOT NULL,
+            caching_works INTEGER CHECK (caching_works IN (0, 1)), hit_ratio REAL,
+            success INTEGER NOT NULL CHECK (success IN (0, 1)), error_type TEXT, error TEXT,
+            started_at REAL NOT NULL, finished_at REAL NOT NULL, duration_seconds REAL NOT NULL,
+            details TEXT NOT NULL)""",
+            "CREATE INDEX probe_runs_target ON probe_runs (provider, model, probe, finished_at)",
+            "CREATE INDEX probe_runs_probe ON probe_runs (probe, finished_at)",
+            "CREATE INDEX probe_runs_finished ON probe_runs (finished_at)",
+            """CREATE TABLE token_usage (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL UNIQUE
+            REFERENCES probe_runs (run_id) ON DELETE CASCADE, provider TEXT NOT NULL,
+            model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER,
+            cache_write_tokens INTEGER, completion_tokens INTEGER NOT NULL,
+            spend_usd REAL NOT NULL, savings_usd REAL NOT NULL, at REAL NOT NULL)""",
+            "CREATE INDEX token_usage_at ON token_usage (at)",
+            "CREATE INDEX token_usage_target ON token_usage (provider, model, at)",
+            """CREATE TABLE budget_ledger (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+            reserved_tokens INTEGER NOT NULL CHECK (reserved_tokens >= 0),
+            reserved_nanousd INTEGER NOT NULL CHECK (reserved_nanousd >= 0),
+            actual_tokens INTEGER CHECK (actual_tokens >= 0),
+            actual_nanousd INTEGER CHECK (actual_nanousd >= 0),
+            settled INTEGER NOT NULL DEFAULT 0 CHECK (settled IN (0, 1)), at REAL NOT NULL,
+            settled_at REAL, day_start INTEGER NOT NULL, month_start INTEGER NOT NULL,
+            month_end INTEGER NOT NULL)""",
+            "CREATE INDEX budget_ledger_provider ON budget_ledger (provider, at)",
+            "CREATE INDEX budget_ledger_at ON budget_ledger (at)",
+            """CREATE TABLE budget_windows (provider TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('day', 'month')), start INTEGER NOT NULL,
+            "end" INTEGER NOT NULL, tokens INTEGER NOT NULL DEFAULT 0, nanousd INTEGER NOT NULL
+            DEFAULT 0, PRIMARY KEY (provider, kind, start)) WITHOUT ROWID""",
+            'CREATE INDEX budget_windows_end ON budget_windows ("end")',
+            """CREATE TABLE balances (id INTEGER PRIMARY KEY, provider TEXT NOT NULL,
+            currency TEXT NOT NULL, amount REAL NOT NULL, at REAL NOT NULL)""",
+            "CREATE INDEX balances_latest ON balances (provider, currency, at)",
+            "CREATE INDEX balances_at ON balances (at)",
+            """CREATE TABLE model_state (provider TEXT NOT NULL, model TEXT NOT NULL,
+            consecutive_failures INTEGER NOT NULL, consecutive_successes INTEGER NOT NULL,
+            cooldown_until REAL, updated_at REAL NOT NULL, PRIMARY KEY (provider, model))
+            WITHOUT ROWID""",
+        ),
+    ),
+    Migration(
+        "probe_runs.trace_id",
+        (
+            "ALTER TABLE probe_runs ADD COLUMN trace_id TEXT",
+            "CREATE INDEX probe_runs_trace ON probe_runs (trace_id) WHERE trace_id IS NOT NULL",
+        ),
     ),
 )
-
-# Rows from before stay NULL (they carried no trace).
-_TRACE_ID = Migration(
-    "probe_runs.trace_id",
-    (
-        "ALTER TABLE probe_runs ADD COLUMN trace_id TEXT",
-        "CREATE INDEX probe_runs_trace ON probe_runs (trace_id) WHERE trace_id IS NOT NULL",
-    ),
-)
-
-MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _TRACE_ID)
 
 _AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,
     name TEXT NOT NULL, applied_at REAL NOT NULL)"""
@@ -131,10 +126,8 @@ async def _apply(conn: Connection, *, migration: Migration, number: int, now: fl
     # Re-read under the write lock: another process may have migrated meanwhile.
     if await schema_version(conn) >= number:
         return
-    await conn.execute_fetchall(_AUDIT_TABLE)
-    for statement in migration.statements:
-        await conn.execute_fetchall(statement)
-    await conn.execute_fetchall(f"PRAGMA user_version = {number}")  # PRAGMA binds nothing
+    for statement in (_AUDIT_TABLE, *migration.statements, f"PRAGMA user_version = {number}"):
+        await conn.execute_fetchall(statement)  # (a PRAGMA binds no parameters)
     await conn.execute_fetchall(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
         (number, migration.name, now),
