@@ -1094,3 +1094,26 @@ async def test_api_runs_answers_are_cached_until_the_history_changes(db_path: Pa
             assert await store.cleanup(older_than=START - DAY) == 2  # r1 and its usage
             assert await ids() == ["r2"]
             assert len(reads) == 3
+
+
+@pytest.mark.anyio
+async def test_a_cleanup_that_faults_part_way_still_invalidates_cached_answers(
+    db_path: Path,
+) -> None:
+    errors: list[str] = []
+    async with await Store.open(db_path, clock=FakeClock(START), on_error=errors.append) as store:
+        await store.record_run(run("old", finished_at=START - 2 * DAY))
+        await store.save_balance("venice", "usd", 5.0)
+        # A real SQLite fault after the runs are deleted: balances are cleaned after them.
+        with sqlite3.connect(db_path) as other:
+            other.execute(
+                "CREATE TRIGGER refuse BEFORE DELETE ON balances"
+                " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+            )
+        version = store.history_version
+
+        assert await store.cleanup(older_than=START + 1) == 2  # the run and its usage row
+        assert errors == ["cleanup"]  # one report: cleanup stopped at the fault
+        assert await store.recent_runs() == []
+        # Readers caching on the version (/api/runs) must not serve the deleted run.
+        assert store.history_version > version

@@ -151,21 +151,24 @@ class Store(Ledger):
         """Delete history older than ``older_than`` (see ``_CLEANUP``); return the rows deleted."""
         params = {"cutoff": float(older_than), "now": self._clock.time()}
         deleted = 0
-        for table, key, condition in _CLEANUP:
-            sql = (
-                f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
-                f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
-            )
-            delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
-            for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
-                if (rows := await self.read("cleanup", delete, None, transaction=True)) is None:
-                    return deleted  # the fault is reported; the next cleanup continues
-                deleted += (count := len(list(rows)))
-                if count < _CLEANUP_BATCH:
-                    break
-        if deleted:
-            self.history_version += 1
-            await self.read("cleanup", lambda conn: conn.executescript(_VACUUM), None)
+        try:
+            for table, key, condition in _CLEANUP:
+                sql = (
+                    f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "  # noqa: S608
+                    f"WHERE {condition} LIMIT {_CLEANUP_BATCH}) RETURNING 1"
+                )
+                delete = partial(Connection.execute_fetchall, sql=sql, parameters=params)
+                for _ in range(10_000):  # bounds the loop: 50 M rows a table and call
+                    if (rows := await self.read("cleanup", delete, None, transaction=True)) is None:
+                        return deleted  # the fault is reported; the next cleanup continues
+                    deleted += (count := len(list(rows)))
+                    if count < _CLEANUP_BATCH:
+                        break
+            if deleted:
+                await self.read("cleanup", lambda conn: conn.executescript(_VACUUM), None)
+        finally:
+            if deleted:  # after a fault too: readers caching on the version must not serve it
+                self.history_version += 1
         return deleted
 
     async def _select(self, op: str, sql: str, params: Iterable[object] = ()) -> Iterable[Any]:
