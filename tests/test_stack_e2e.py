@@ -75,15 +75,19 @@ EXPECTED_ALERTS = {
     ("/warning", "LLMCacheWarmHitRateBudgetBurn", "sim-cache-flaky"),
     # Every run fails: one alert, which inhibits the other failure alerts.
     ("/warning", "LLMCacheModelCooldown", "sim-error"),
-    # A third of its requests get 429 (the simulator's seeded draws): with retries, 3 of its
-    # first 6 runs fail (S F F S S F: two successes reset the count, which never reaches the
-    # 3 of LLMCacheProbeFailuresRepeated, let alone a cooldown); the error budget burns.
+    # A third of its requests get 429 (the simulator's seeded draws): with retries, some of
+    # its runs fail and the error budget burns.
     ("/warning", "LLMCacheProbeErrorBudgetBurn", "sim-ratelimited"),
     # The sample application whose system prompt starts with the time: its requests never
     # hit, their prefix is new every time, and the probes say the model caches.
     ("/warning", "LLMCacheTrafficPromptsChanged", CHURNING),
     ("/heartbeat", "Watchdog", "-"),
 }
+# Alerts that may arrive too, and are right when they do. The seeded draws go to
+# sim-ratelimited's requests in arrival order, and that order depends on timing (a ttl run's
+# requests are concurrent, retries wait for Retry-After): usually two successes reset the
+# failure count before it reaches 3, but three failed runs in a row do happen.
+MAY_FIRE = {("/warning", "LLMCacheProbeFailuresRepeated", "sim-ratelimited")}
 # Alerts that must fire in Prometheus for the failing models but reach nobody: the
 # cooldown alert of the same model inhibits them.
 INHIBITED = ("LLMCacheProbeFailuresRepeated", "LLMCacheProbeErrorBudgetBurn")
@@ -484,7 +488,7 @@ def test_alertmanager_receives_exactly_the_expected_alerts(stack: Stack) -> None
     # When each arrived, in seconds after the stack started (shown with `pytest -s`).
     for key, seconds in sorted(hook.first_seen.items(), key=lambda kv: kv[1]):
         print(f"{seconds:4d}s  {' '.join(key)}")
-    assert hook.firing() == EXPECTED_ALERTS, sorted(hook.firing() ^ EXPECTED_ALERTS)
+    assert hook.firing() - MAY_FIRE == EXPECTED_ALERTS, sorted(hook.firing() ^ EXPECTED_ALERTS)
 
     page = next(a for p, a in hook.alerts() if p == "/critical")
     assert page["labels"]["severity"] == "critical"
