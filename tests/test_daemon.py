@@ -114,7 +114,7 @@ def test_the_key_never_reaches_logs_metrics_api_or_database(
         assert exporter.wait_for_verdict("sim-cache-ok"), exporter.log()
         texts = [
             httpx.get(exporter.url + "/metrics").text,
-            httpx.get(exporter.url + "/api/runs?limit=100").text,
+            httpx.get(exporter.url + "/api/runs?limit=100", timeout=30).text,
             httpx.get(exporter.url + "/readyz").text,
             httpx.get(exporter.url + "/").text,
         ]

@@ -295,6 +295,9 @@ def database_files(db: Path) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in sorted(db.parent.glob(db.name + "*"))]
 
 
+RUNS = {"limit": 1000}
+
+
 def test_the_key_appears_nowhere(tmp_path: Path) -> None:
     db = tmp_path / "data" / "sweep.db"
     found: list[str] = []
@@ -319,13 +322,14 @@ def test_the_key_appears_nowhere(tmp_path: Path) -> None:
             every = len(SIM_MODELS) + 4 + len(HOSTILE_WAYS)
 
             def probed() -> bool:
-                runs = httpx.get(exporter.url + "/api/runs", params={"limit": 1000}).json()
+                # /api/runs reads behind the store's writes: slow on a loaded machine.
+                runs = httpx.get(exporter.url + "/api/runs", params=RUNS, timeout=30).json()
                 return len({(r["provider"], r["model"]) for r in runs["runs"]}) >= every
 
             assert wait_for(probed, 60, 0.5), "not every model was probed within 60 s"
             found += leaks("/metrics", httpx.get(exporter.url + "/metrics").content)
             found += leaks(
-                "/api/runs", httpx.get(exporter.url + "/api/runs", params={"limit": 1000}).content
+                "/api/runs", httpx.get(exporter.url + "/api/runs", params=RUNS, timeout=30).content
             )
             for name, data in database_files(db):  # while running: the WAL holds the runs
                 found += leaks(f"{name} (running)", data)
