@@ -10,10 +10,12 @@ which one was chosen, then again with that one's arguments.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -47,16 +49,14 @@ def _key_help() -> str:
     return KEY_HELP
 
 
-def _probe_arguments(parser: argparse.ArgumentParser) -> None:
-    from exporter import probe_cli
+def _lazy(module: str, function: str, *, asynchronous: bool = False) -> Callable[[Any], Any]:
+    """``module.function``, imported only when called: only the chosen command's code loads."""
 
-    probe_cli.add_arguments(parser)
+    def call(argument: Any) -> Any:
+        target = getattr(importlib.import_module(module), function)
+        return anyio.run(target, argument) if asynchronous else target(argument)
 
-
-def _probe(args: argparse.Namespace) -> int:
-    from exporter import probe_cli
-
-    return anyio.run(probe_cli.run, args)
+    return call
 
 
 def _probe_description() -> str:
@@ -66,18 +66,6 @@ def _probe_description() -> str:
         f"{_key_help()} Exit status: 0 caching works, 1 it does not, 2 usage error, 3 no "
         "verdict, 130 interrupted, 141 output closed."
     )
-
-
-def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    from exporter.simulator import cli as simulator_cli
-
-    simulator_cli.add_arguments(parser)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from exporter.simulator import cli as simulator_cli
-
-    return simulator_cli.main(args)
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -94,30 +82,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return check_config(args.config)
 
 
-def _history_arguments(parser: argparse.ArgumentParser) -> None:
-    from exporter import history_cli
-
-    history_cli.add_arguments(parser)
-
-
-def _history(args: argparse.Namespace) -> int:
-    from exporter import history_cli
-
-    return anyio.run(history_cli.run, args)
-
-
-def _loadtest_arguments(parser: argparse.ArgumentParser) -> None:
-    from exporter.loadtest import cli as loadtest_cli
-
-    loadtest_cli.add_arguments(parser)
-
-
-def _loadtest(args: argparse.Namespace) -> int:
-    from exporter.loadtest import cli as loadtest_cli
-
-    return anyio.run(loadtest_cli.run, args)
-
-
 def _loadtest_description() -> str:
     return (
         "Send -n requests at concurrency -c, each with the run's shared prefix and its own "
@@ -132,14 +96,14 @@ def _loadtest_description() -> str:
 COMMANDS: dict[str, _Command] = {
     "probe": _Command(
         help="run probes once against one model and print the evidence",
-        add_arguments=_probe_arguments,
-        run=_probe,
+        add_arguments=_lazy("exporter.probe_cli", "add_arguments"),
+        run=_lazy("exporter.probe_cli", "run", asynchronous=True),
         description=_probe_description,
     ),
     "simulate": _Command(
         help="run the local caching upstream (a SIMULATOR, not a real provider)",
-        add_arguments=_simulate_arguments,
-        run=_simulate,
+        add_arguments=_lazy("exporter.simulator.cli", "add_arguments"),
+        run=_lazy("exporter.simulator.cli", "main"),
         description=lambda: (
             "Start the bundled simulator: an OpenAI- and Anthropic-compatible HTTP server "
             "that emulates prompt caching, for demos and tests. It is not a real LLM."
@@ -161,13 +125,13 @@ COMMANDS: dict[str, _Command] = {
     ),
     "history": _Command(
         help="export recorded probe runs as CSV, JSON, text or an HTML report",
-        add_arguments=_history_arguments,
-        run=_history,
+        add_arguments=_lazy("exporter.history_cli", "add_arguments"),
+        run=_lazy("exporter.history_cli", "run", asynchronous=True),
     ),
     "loadtest": _Command(
         help="bounded load against one model: does caching hold under load?",
-        add_arguments=_loadtest_arguments,
-        run=_loadtest,
+        add_arguments=_lazy("exporter.loadtest.cli", "add_arguments"),
+        run=_lazy("exporter.loadtest.cli", "run", asynchronous=True),
         description=_loadtest_description,
     ),
 }
